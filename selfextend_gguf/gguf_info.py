@@ -1,0 +1,70 @@
+"""What selfextend_gguf needs to know about a GGUF file before llama.cpp loads it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GGUF_MAGIC = b"GGUF"
+
+# llama.cpp architectures whose attention has no RoPE (ALiBi, relative buckets, or no attention)
+NO_ROPE_ARCHITECTURES = {"bloom", "mpt", "jais", "t5", "t5encoder", "mamba", "mamba2", "rwkv6", "rwkv7",
+                         "rwkv6qwen2", "arwkv7", "bert", "nomic-bert", "jina-bert-v2", "gpt2"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    architecture: str
+    n_ctx_train: int
+    rope_freq_base: float | None
+    rope_scaling_type: str | None   # "linear", "yarn", ... as the GGUF says, None if absent
+    rope_dimension_count: int | None
+    file_type: int | None
+    size_bytes: int
+
+    @property
+    def has_rope(self) -> bool:
+        return self.architecture not in NO_ROPE_ARCHITECTURES
+
+
+def _field(reader, key):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode("utf-8", errors="replace")
+    return value.tolist()[0] if hasattr(value, "tolist") else value
+
+
+def read_model_info(path) -> ModelInfo:
+    """Read the metadata of a GGUF file. Raises FileNotFoundError or ValueError with what is wrong."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
+                             "convert the model with llama.cpp's convert_hf_to_gguf.py")
+    import gguf  # imported here: numpy-heavy
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as error:  # truncated or corrupt files raise various errors inside gguf
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {error}") from error
+    architecture = _field(reader, "general.architecture")
+    if architecture is None:
+        raise ValueError(f"{path} has no general.architecture key: not a model GGUF")
+    n_ctx_train = _field(reader, f"{architecture}.context_length")
+    if n_ctx_train is None:
+        raise ValueError(f"{path} has no {architecture}.context_length key")
+    return ModelInfo(
+        path=path,
+        architecture=architecture,
+        n_ctx_train=int(n_ctx_train),
+        rope_freq_base=_field(reader, f"{architecture}.rope.freq_base"),
+        rope_scaling_type=_field(reader, f"{architecture}.rope.scaling.type"),
+        rope_dimension_count=_field(reader, f"{architecture}.rope.dimension_count"),
+        file_type=_field(reader, "general.file_type"),
+        size_bytes=path.stat().st_size,
+    )

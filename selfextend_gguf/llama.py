@@ -1,0 +1,101 @@
+"""`Llama` with Self-Extend: a drop-in subclass of llama_cpp.Llama.
+
+    from selfextend_gguf import Llama
+    llm = Llama("model.gguf", n_ctx=16384, grp_attn_n=4, grp_attn_w=1024)   # or grp_attn_n="auto"
+
+Everything else (completion, chat, streaming, tokenize, save/load state, prefix reuse) is
+llama-cpp-python's own code running on the patched library.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import settings
+from ._native import load_llama_cpp, require_self_extend_symbols
+from .gguf_info import ModelInfo, read_model_info
+
+llama_cpp = load_llama_cpp()
+
+logger = logging.getLogger("selfextend_gguf")
+
+
+def resolve_self_extend(grp_attn_n, grp_attn_w, n_ctx: int, info: ModelInfo) -> settings.SelfExtend:
+    """Turn the user's grp_attn_n / grp_attn_w into checked settings (ValueError if invalid)."""
+    if grp_attn_n == "auto":
+        chosen = settings.choose(n_ctx, info.n_ctx_train)
+        if grp_attn_w is not None and chosen.enabled:
+            chosen = settings.SelfExtend(chosen.group_size, grp_attn_w)
+        setting = chosen
+    else:
+        if grp_attn_w is None and isinstance(grp_attn_n, int) and grp_attn_n > 1:
+            grp_attn_w = max(1, min(settings.AUTO_MAX_WINDOW, info.n_ctx_train // 8))
+        setting = settings.SelfExtend(grp_attn_n, grp_attn_w if grp_attn_w is not None else 0)
+    settings.validate(setting, n_ctx, info.n_ctx_train)
+    if setting.enabled:
+        if not info.has_rope:
+            raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
+        if info.rope_scaling_type == "yarn":
+            raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
+                             "compose with; run it without grp_attn_n or pick a model without YaRN")
+    return setting
+
+
+class Llama(llama_cpp.Llama):
+    """llama_cpp.Llama plus Self-Extend.
+
+    Args:
+        grp_attn_n: group size G (1 = off, the default), or "auto" to pick G and W from n_ctx and
+            the model's trained context by the paper's rule (W + (n_ctx - W)/G <= 2/3 of it).
+        grp_attn_w: neighbor window W: keys closer than W to the query keep their normal positions.
+            Defaults to min(1024, trained context / 8).
+        Every other argument is llama_cpp.Llama's.
+    """
+
+    def __init__(self, model_path: str, *args, grp_attn_n: int | str = 1, grp_attn_w: int | None = None,
+                 **kwargs):
+        info = read_model_info(model_path)
+        n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
+        setting = resolve_self_extend(grp_attn_n, grp_attn_w, n_ctx, info)
+        self._lib = require_self_extend_symbols()
+        self.model_info = info
+        self.self_extend = settings.SelfExtend()
+
+        super().__init__(model_path, *args, **kwargs)
+
+        if setting.enabled:
+            self.set_self_extend(setting.group_size, setting.neighbor_window)
+            how = "chose" if grp_attn_n == "auto" else "uses"
+            logger.info("Self-Extend %s grp_attn_n=%d grp_attn_w=%d for n_ctx=%d (trained on %d, reach %d)",
+                        how, setting.group_size, setting.neighbor_window, self.n_ctx(), info.n_ctx_train,
+                        settings.max_context(info.n_ctx_train, setting))
+        elif self.n_ctx() > info.n_ctx_train:
+            logger.warning("n_ctx=%d is longer than the %d tokens %s was trained on, and Self-Extend is off: "
+                           "past %d tokens the output degrades; pass grp_attn_n='auto' (or grp_attn_n=G, "
+                           "grp_attn_w=W) to extend the context", self.n_ctx(), info.n_ctx_train,
+                           info.path.name, info.n_ctx_train)
+
+    def set_self_extend(self, group_size: int, neighbor_window: int) -> None:
+        """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes)."""
+        setting = settings.SelfExtend(group_size, neighbor_window if group_size > 1 else 0)
+        settings.validate(setting, self.n_ctx(), self.model_info.n_ctx_train)
+        status = self._lib.llama_set_self_extend(self._ctx.ctx, setting.group_size, setting.neighbor_window)
+        if status != 0:
+            raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={neighbor_window}) for "
+                             f"{self.model_info.path.name}: it needs a RoPE model whose KV cache is not "
+                             "sliding-window or hybrid (status {status})")
+        self.self_extend = setting
+
+    def close(self) -> None:
+        if hasattr(self, "_stack"):  # __init__ may have raised before llama_cpp.Llama set it up
+            super().close()
+
+    @property
+    def grp_attn_n(self) -> int:
+        return int(self._lib.llama_get_self_extend_group_size(self._ctx.ctx))
+
+    @property
+    def grp_attn_w(self) -> int:
+        return int(self._lib.llama_get_self_extend_neighbor_window(self._ctx.ctx))
+
+    def n_ctx_train(self) -> int:
+        return self.model_info.n_ctx_train

@@ -1,0 +1,84 @@
+"""Self-Extend settings: the group size G and the neighbor window W, and how far they reach.
+
+A query at position q and a key at position k use their normal positions when q - k < W, and
+the grouped positions q // G + W - W // G and k // G otherwise (LongLM, arXiv 2401.01325).
+The largest position a model then sees is (n - 1) // G + W - W // G, which must stay inside the
+trained context L. Pure Python: the CLI and the server size contexts with it before loading a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# the paper's rule: keep W + (n_ctx - W) / G at most about 1/2 to 2/3 of the trained context
+AUTO_TARGET_FRACTION = 2 / 3
+AUTO_MAX_WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class SelfExtend:
+    group_size: int = 1        # G; 1 = off
+    neighbor_window: int = 0   # W; ignored when group_size == 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.group_size > 1
+
+
+def largest_position(n_ctx: int, setting: SelfExtend) -> int:
+    """The largest RoPE position a context of n_ctx tokens reaches with these settings."""
+    if not setting.enabled:
+        return n_ctx - 1
+    group_size, window = setting.group_size, setting.neighbor_window
+    return (n_ctx - 1) // group_size + window - window // group_size
+
+
+def max_context(n_ctx_train: int, setting: SelfExtend) -> int:
+    """The longest context whose positions all stay inside the trained context."""
+    if not setting.enabled:
+        return n_ctx_train
+    group_size, window = setting.group_size, setting.neighbor_window
+    return (n_ctx_train - window + window // group_size) * group_size
+
+
+def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int) -> None:
+    """Raise ValueError naming the problem and the fix."""
+    group_size, window = setting.group_size, setting.neighbor_window
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"grp_attn_n must be an integer >= 1 or 'auto', got {group_size!r}")
+    if not setting.enabled:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"grp_attn_w (the neighbor window) must be an integer >= 1, got {window!r}")
+    if window >= n_ctx_train:
+        raise ValueError(f"grp_attn_w={window} must be smaller than the model's trained context "
+                         f"({n_ctx_train} tokens); try grp_attn_w={max(1, n_ctx_train // 8)}")
+    reach = max_context(n_ctx_train, setting)
+    if n_ctx > reach:
+        needed = smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
+        hint = f"grp_attn_n >= {needed}" if needed else "a smaller grp_attn_w"
+        raise ValueError(f"n_ctx={n_ctx} is beyond what grp_attn_n={group_size}, grp_attn_w={window} reach "
+                         f"({reach} tokens for a model trained on {n_ctx_train}); use {hint} or 'auto'")
+
+
+def smallest_group_size(n_ctx: int, n_ctx_train: int, window: int, fraction: float) -> int | None:
+    """The smallest G with W + (n_ctx - W) / G <= fraction * n_ctx_train, or None if none exists."""
+    budget = fraction * n_ctx_train - window
+    if budget <= 0:
+        return None
+    for group_size in range(2, 1025):
+        if window + (n_ctx - window) / group_size <= budget + window:
+            if max_context(n_ctx_train, SelfExtend(group_size, window)) >= n_ctx:
+                return group_size
+    return None
+
+
+def choose(n_ctx: int, n_ctx_train: int) -> SelfExtend:
+    """grp_attn_n='auto': off inside the trained context, else W = min(1024, L/8) and the smallest G
+    that keeps W + (n_ctx - W)/G within 2/3 of the trained context L."""
+    if n_ctx <= n_ctx_train:
+        return SelfExtend()
+    window = max(1, min(AUTO_MAX_WINDOW, n_ctx_train // 8))
+    group_size = smallest_group_size(n_ctx, n_ctx_train, window, AUTO_TARGET_FRACTION)
+    if group_size is None:
+        raise ValueError(f"no group size lets n_ctx={n_ctx} fit a model trained on {n_ctx_train} tokens")
+    return SelfExtend(group_size, window)
