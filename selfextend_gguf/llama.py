@@ -59,6 +59,7 @@ class Llama(llama_cpp.Llama):
         self._lib = require_self_extend_symbols()
         self.model_info = info
         self.self_extend = settings.SelfExtend()
+        self.n_ctx_requested = n_ctx  # llama.cpp rounds n_ctx up to a multiple of 256
 
         super().__init__(model_path, *args, **kwargs)
 
@@ -66,18 +67,18 @@ class Llama(llama_cpp.Llama):
             self.set_self_extend(setting.group_size, setting.neighbor_window)
             how = "chose" if grp_attn_n == "auto" else "uses"
             logger.info("Self-Extend %s grp_attn_n=%d grp_attn_w=%d for n_ctx=%d (trained on %d, reach %d)",
-                        how, setting.group_size, setting.neighbor_window, self.n_ctx(), info.n_ctx_train,
+                        how, setting.group_size, setting.neighbor_window, n_ctx, info.n_ctx_train,
                         settings.max_context(info.n_ctx_train, setting))
-        elif self.n_ctx() > info.n_ctx_train:
+        elif n_ctx > info.n_ctx_train:
             logger.warning("n_ctx=%d is longer than the %d tokens %s was trained on, and Self-Extend is off: "
                            "past %d tokens the output degrades; pass grp_attn_n='auto' (or grp_attn_n=G, "
-                           "grp_attn_w=W) to extend the context", self.n_ctx(), info.n_ctx_train,
+                           "grp_attn_w=W) to extend the context", n_ctx, info.n_ctx_train,
                            info.path.name, info.n_ctx_train)
 
     def set_self_extend(self, group_size: int, neighbor_window: int) -> None:
         """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes)."""
         setting = settings.SelfExtend(group_size, neighbor_window if group_size > 1 else 0)
-        settings.validate(setting, self.n_ctx(), self.model_info.n_ctx_train)
+        settings.validate(setting, self.n_ctx_requested, self.model_info.n_ctx_train)
         status = self._lib.llama_set_self_extend(self._ctx.ctx, setting.group_size, setting.neighbor_window)
         if status != 0:
             raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={neighbor_window}) for "

@@ -1,0 +1,174 @@
+"""The patched llama.cpp against the torch reference: exact Self-Extend logits at every position.
+
+The tiny fixture has F32 weights and the KV cache is F32 here, so llama.cpp computes what the
+float64 reference computes up to float32 rounding; the bar is max |logit difference| <= 1e-3.
+Its trained context is 64 tokens: every case below runs past it, across many windows and groups.
+"""
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from selfextend_gguf import Llama, max_context, SelfExtend
+from selfextend_gguf._native import load_llama_cpp
+
+llama_cpp = load_llama_cpp()
+
+TOLERANCE = 1e-3
+F32 = llama_cpp.GGML_TYPE_F32
+
+# (G, W): odd G, W not a multiple of G, W smaller and larger than a ubatch
+SETTINGS = [(2, 8), (3, 10), (4, 16), (5, 7), (8, 12)]
+
+
+def random_tokens(n, seed=0, n_vocab=320):
+    return np.random.default_rng(seed).integers(0, n_vocab, size=n).tolist()
+
+
+def tiny_llama(path, n_ctx, group_size, window, **kwargs):
+    return Llama(str(path), n_ctx=n_ctx, grp_attn_n=group_size, grp_attn_w=window, logits_all=True,
+                 type_k=F32, type_v=F32, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
+
+
+def reference_logits(reference, tokens, group_size, window):
+    mode = "self_extend" if group_size > 1 else "vanilla"
+    with torch.no_grad():
+        return reference.forward(torch.tensor(tokens), mode=mode, group_size=group_size, window=window).numpy()
+
+
+def fitting_length(group_size, window, n_ctx_train=64, cap=300):
+    return min(cap, max_context(n_ctx_train, SelfExtend(group_size, window)))
+
+
+@pytest.mark.parametrize("group_size,window", SETTINGS)
+def test_prefill_in_small_ubatches_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window):
+    n = fitting_length(group_size, window)
+    tokens = random_tokens(n, seed=group_size)
+    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=64, n_ubatch=32)
+    llm.eval(tokens)
+    ours = np.asarray(llm.scores[:n])
+    expected = reference_logits(tiny_reference, tokens, group_size, window)
+    error = np.abs(ours - expected).max()
+    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
+    # Self-Extend changes the result past the window: the test would notice a no-op patch
+    vanilla = reference_logits(tiny_reference, tokens, 1, None)
+    assert np.abs(ours - vanilla).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("group_size,window", [(3, 10), (4, 16)])
+def test_token_by_token_decode_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window):
+    n = fitting_length(group_size, window, cap=200)
+    tokens = random_tokens(n, seed=7)
+    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=32, n_ubatch=32)
+    llm.eval(tokens[:40])
+    for token in tokens[40:]:  # one llama_decode per token, crossing many window and group boundaries
+        llm.eval([token])
+    error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
+    assert error <= TOLERANCE
+
+
+def test_rewind_and_reevaluate_matches_reference(tiny_f32_gguf, tiny_reference):
+    group_size, window = 4, 16
+    first, second = random_tokens(200, seed=1), random_tokens(200, seed=2)
+    llm = tiny_llama(tiny_f32_gguf, 200, group_size, window, n_batch=64, n_ubatch=64)
+    llm.eval(first)
+    llm.n_tokens = 90  # llama-cpp-python's rewind: the next eval removes cells 90.. (seq_rm)
+    llm.eval(second[:110])
+    tokens = first[:90] + second[:110]
+    error = np.abs(np.asarray(llm.scores[:200]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
+    assert error <= TOLERANCE
+
+
+def test_state_save_load_and_regroup(tiny_f32_gguf):
+    """A state saved with G=4 continues identically when loaded back, and is re-rotated when
+    loaded into a context with another group size (as llama_set_self_extend re-rotates a live cache)."""
+    tokens = random_tokens(150, seed=3)
+    llm = tiny_llama(tiny_f32_gguf, 150, 4, 16, n_batch=64, n_ubatch=64)
+    llm.eval(tokens[:100])
+    state = llm.save_state()
+    llm.eval(tokens[100:])
+    straight = np.asarray(llm.scores[100:150]).copy()
+
+    llm.load_state(state)
+    llm.eval(tokens[100:])
+    assert np.array_equal(np.asarray(llm.scores[100:150]), straight)
+
+    # K cached at k // 4 must be moved to k // 3: once by loading into a G=3 context,
+    # once by switching the live context to G=3; both must agree
+    other = tiny_llama(tiny_f32_gguf, 150, 3, 10, n_batch=64, n_ubatch=64)
+    other.load_state(state)
+    assert (other.grp_attn_n, other.grp_attn_w) == (3, 10)
+    other.eval(tokens[100:])
+    llm.load_state(state)
+    llm.set_self_extend(3, 10)
+    llm.eval(tokens[100:])
+    regrouped = np.asarray(other.scores[100:150])
+    assert np.abs(regrouped - np.asarray(llm.scores[100:150])).max() <= TOLERANCE
+    assert np.abs(regrouped - straight).max() > 100 * TOLERANCE
+
+
+def test_group_size_switch_on_empty_cache_matches_reference(tiny_f32_gguf, tiny_reference):
+    tokens = random_tokens(150, seed=4)
+    llm = tiny_llama(tiny_f32_gguf, 150, 1, None, n_batch=64, n_ubatch=64)
+    llm.set_self_extend(3, 10)
+    llm.eval(tokens)
+    assert np.abs(np.asarray(llm.scores[:150]) - reference_logits(tiny_reference, tokens, 3, 10)).max() <= TOLERANCE
+
+
+def test_two_sequences_in_one_batch(tiny_f32_gguf, tiny_reference):
+    """Two sequences decoded in the same llama_batch, in a unified cache and in one stream each."""
+    group_size, window, n = 4, 16, 100
+    seqs = [random_tokens(n, seed=5), random_tokens(n, seed=6)]
+    expected = [reference_logits(tiny_reference, s, group_size, window) for s in seqs]
+    llm = tiny_llama(tiny_f32_gguf, 2 * n, 1, None, n_batch=2 * n, n_ubatch=2 * n)
+    for unified in (True, False):
+        params = llm.context_params
+        params.n_seq_max, params.kv_unified, params.n_ctx = 2, unified, 2 * n
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        try:
+            assert llm._lib.llama_set_self_extend(ctx, group_size, window) == 0
+            batch = llama_cpp.llama_batch_init(2 * n, 0, 1)
+            for s, seq in enumerate(seqs):
+                for i, token in enumerate(seq):
+                    j = s * n + i
+                    batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = token, i, 1, True
+                    batch.seq_id[j][0] = s
+            batch.n_tokens = 2 * n
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(2 * n * 320,)).reshape(2 * n, 320)
+            for s in range(2):
+                error = np.abs(logits[s * n:(s + 1) * n] - expected[s]).max()
+                assert error <= TOLERANCE, f"unified={unified} seq {s}: {error:.2e}"
+            llama_cpp.llama_batch_free(batch)
+        finally:
+            llama_cpp.llama_free(ctx)
+
+
+def test_group_size_one_is_vanilla(tiny_f32_gguf, tiny_reference):
+    tokens = random_tokens(60, seed=8)
+    llm = tiny_llama(tiny_f32_gguf, 64, 1, None)
+    llm.eval(tokens)
+    assert llm.grp_attn_n == 1
+    assert np.abs(np.asarray(llm.scores[:60]) - reference_logits(tiny_reference, tokens, 1, None)).max() <= TOLERANCE
+
+
+def test_regrouped_cache_matches_reference(tmp_path, make_tiny_gguf):
+    """With one layer the cached K and V do not depend on the attention that produced them, so a
+    cache filled with G=1 and switched to G=3 (re-rotated from k to k // 3) must give exactly the
+    reference's G=3 logits from then on. Checks the K-shift that keeps grouped K up to date."""
+    from selfextend_gguf.reference import ReferenceModel
+    path = make_tiny_gguf.write_tiny_llama(tmp_path / "one-layer.gguf", weight_type="f32", n_layer=1)
+    reference = ReferenceModel.from_gguf(path, dtype=torch.float64)
+    tokens = random_tokens(150, seed=9)
+    llm = tiny_llama(path, 150, 1, None, n_batch=64, n_ubatch=64)
+    llm.eval(tokens[:100])
+    llm.set_self_extend(3, 10)
+    llm.eval(tokens[100:])
+    expected = reference_logits(reference, tokens, 3, 10)[100:]
+    assert np.abs(np.asarray(llm.scores[100:150]) - expected).max() <= TOLERANCE
+    llm.set_self_extend(5, 7)  # and again, from k // 3 to k // 5
+    llm.n_tokens = 120
+    llm.eval(tokens[120:])
+    expected = reference_logits(reference, tokens, 5, 7)[120:]
+    assert np.abs(np.asarray(llm.scores[120:150]) - expected).max() <= TOLERANCE
