@@ -1,0 +1,60 @@
+"""Self-Extend must run on every ggml backend, so its graph may only add operations that the CPU,
+CUDA, Metal and Vulkan backends already implement (docs/backends.md lists where each one's
+supports_op accepts them, in the pinned llama.cpp). This test records the operations of the real
+graphs, with Self-Extend off and on, and fails if the patch starts using anything else."""
+import ctypes
+
+import numpy as np
+import pytest
+
+from selfextend_gguf import Llama
+from selfextend_gguf._native import lib_dir, load_llama_cpp
+
+llama_cpp = load_llama_cpp()
+
+# the operations the Self-Extend graph may add to llama.cpp's attention (see docs/backends.md)
+SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT", "VIEW", "PERMUTE",
+                   "RESHAPE", "TRANSPOSE", "MUL_MAT", "SOFT_MAX"}
+
+
+def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False):
+    """The ggml operation names of every node computed while evaluating n_tokens tokens."""
+    ggml_base = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
+    ggml_base.ggml_op_desc.restype = ctypes.c_char_p
+    ggml_base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+    seen = set()
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def record(tensor, ask, user_data):
+        seen.add(ggml_base.ggml_op_desc(tensor).decode())
+        return False  # nothing to copy out
+
+    llm = Llama(str(path), n_ctx=n_tokens + 8, n_batch=64, n_ubatch=64, verbose=False, type_k=type_k,
+                flash_attn=flash_attn, grp_attn_n=group_size, grp_attn_w=window)
+    params = llm.context_params
+    params.cb_eval = record
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    try:
+        assert llm._lib.llama_set_self_extend(ctx, group_size, window or 0) == 0
+        tokens = np.random.default_rng(0).integers(0, 320, size=n_tokens).tolist()
+        for start in range(0, n_tokens, 64):  # prefill ubatches, then single-token decode steps
+            chunk = (llama_cpp.llama_token * 64)(*tokens[start:start + 64])  # kept alive for the call
+            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(chunk, len(chunk))) == 0
+        for token in tokens[:8]:
+            one = (llama_cpp.llama_token * 1)(token)
+            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
+    finally:
+        llama_cpp.llama_free(ctx)
+    return seen
+
+
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+def test_self_extend_adds_only_supported_ops(tiny_f32_gguf, type_k):
+    type_k = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[type_k]
+    vanilla = graph_ops(tiny_f32_gguf, 1, None, 192, type_k)
+    extended = graph_ops(tiny_f32_gguf, 4, 16, 192, type_k)
+    added = extended - vanilla
+    assert added, "Self-Extend on produced the vanilla graph"
+    assert added <= SELF_EXTEND_OPS, f"ops outside the documented list: {sorted(added - SELF_EXTEND_OPS)}"
+    assert "CONCAT" in added  # the blocks of scores
+    assert extended <= vanilla | SELF_EXTEND_OPS
