@@ -62,6 +62,10 @@ class Llama(llama_cpp.Llama):
         self.n_ctx_requested = n_ctx  # llama.cpp rounds n_ctx up to a multiple of 256
 
         super().__init__(model_path, *args, **kwargs)
+        # llama-cpp-python refuses prompts and clips completions against _n_ctx: make that the
+        # context that was asked for (and checked against Self-Extend's reach), not llama.cpp's
+        # context rounded up to a multiple of 256
+        self._n_ctx = min(n_ctx, self.n_ctx())
 
         if setting.enabled:
             self.set_self_extend(setting.group_size, setting.neighbor_window)
@@ -74,6 +78,14 @@ class Llama(llama_cpp.Llama):
                            "past %d tokens the output degrades; pass grp_attn_n='auto' (or grp_attn_n=G, "
                            "grp_attn_w=W) to extend the context", n_ctx, info.n_ctx_train,
                            info.path.name, info.n_ctx_train)
+
+    def generate(self, tokens, *args, **kwargs):
+        for token in super().generate(tokens, *args, **kwargs):
+            yield token
+            # llama-cpp-python lets a few tokens past its max_tokens clip while it completes a
+            # UTF-8 character; they would be evaluated past the context (and Self-Extend's reach)
+            if self.n_tokens + 1 >= self._n_ctx:
+                return
 
     def set_self_extend(self, group_size: int, neighbor_window: int) -> None:
         """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes)."""
