@@ -1,0 +1,394 @@
+"""A conversation about documents with a Self-Extend model: read the documents once, then ask.
+
+    session = open_session("model.gguf", load_documents(["book.txt"]))   # sizes n_ctx, picks G and W
+    session.ingest(on_progress=lambda done, total: ...)                  # evaluates the documents once
+    for text in session.ask("Who is the captain?"):                      # streamed answer
+        print(text, end="")
+    session.save("talk.session")   # later, in a session opened the same way: session.load(...)
+
+Each question's prompt is the whole conversation rendered with the model's chat template. The
+documents come first in it, so every prompt starts with tokens already in the KV cache and
+llama-cpp-python's prefix reuse (Llama.generate) evaluates only what is new.
+"""
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import settings
+from .documents import Document, documents_text
+from .gguf_info import read_model_info
+from .llama import Llama, llama_cpp
+
+CHAT_ROOM = 2048          # tokens left for the conversation after the documents, unless --ctx
+MIN_ANSWER_TOKENS = 16    # a question is refused when fewer tokens than this are left to answer
+UTF8_SLACK = 3            # create_completion may pass max_tokens by up to 3 to finish a UTF-8 character
+SESSION_FORMAT = "selfextend-gguf chat session 1"
+
+
+class SetupError(ValueError):
+    """The model, documents or settings cannot work together; nothing was evaluated."""
+
+
+class ContextFullError(RuntimeError):
+    """The conversation has no room left in the context."""
+
+
+class SessionFileError(ValueError):
+    """A session file that cannot be loaded into this session."""
+
+
+class MeteredLlama(Llama):
+    """Llama that counts the tokens it evaluates and samples (llama-cpp-python's generate and
+    create_completion evaluate every token with eval and sample every token with sample)."""
+
+    def __init__(self, *args, **kwargs):
+        self.n_evaluated = 0
+        self.n_sampled = 0
+        super().__init__(*args, **kwargs)
+
+    def eval(self, tokens):
+        super().eval(tokens)
+        self.n_evaluated += len(tokens)
+
+    def sample(self, *args, **kwargs):
+        token = super().sample(*args, **kwargs)
+        self.n_sampled += 1
+        return token
+
+
+# ----------------------------------------------------------------------------- prompt formats
+
+class ChatTemplate:
+    """The model's own chat template (tokenizer.chat_template in the GGUF), rendered as
+    llama-cpp-python's create_chat_completion renders it."""
+    name = "chat"
+    add_bos = False   # the template writes the BOS token itself where the model wants one
+    special = True    # "<|im_start|>" etc. in the rendered text are special tokens
+
+    def __init__(self, llm: Llama):
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise SetupError(f"{Path(llm.model_path).name} has no chat template; "
+                             "use `selfextend-gguf run --raw` for plain text completion")
+
+        def token_text(token: int) -> str:
+            return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+        eos = token_text(llm.token_eos())
+        self._formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=eos, bos_token=token_text(llm.token_bos()))
+        self.stop = [eos] if eos else []
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self._formatter(messages=messages).prompt
+        except Exception as error:  # jinja2 errors, or the template's own raise_exception
+            raise SetupError(f"the model's chat template failed: {error}") from None
+
+
+class RawText:
+    """No template: the text as is (for base models, or prompts written as completions)."""
+    name = "raw"
+    add_bos = True    # llama.cpp adds BOS only if the model asks for it
+    special = False
+    stop: list[str] = []
+
+    def render(self, messages: list[dict]) -> str:
+        return "\n\n".join(message["content"] for message in messages)
+
+
+# ----------------------------------------------------------------------------- sizing
+
+@dataclass(frozen=True)
+class ContextPlan:
+    n_ctx: int
+    self_extend: settings.SelfExtend
+    reach: int        # the longest context these settings keep inside the trained context
+
+
+def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, grp_attn_n="auto",
+                 grp_attn_w: int | None = None, n_documents: int | None = None) -> ContextPlan:
+    """n_ctx (n_needed unless given) and the Self-Extend settings for it (chosen when "auto").
+
+    n_documents: the tokens that must fit before any answer (the documents and prompt).
+    Raises SetupError saying what does not fit, by how much, and what would.
+    """
+    n_documents = n_needed if n_documents is None else n_documents
+    if n_ctx is not None and n_ctx < n_documents + MIN_ANSWER_TOKENS + UTF8_SLACK:
+        raise SetupError(f"the documents and prompt take {n_documents:,} tokens: --ctx {n_ctx:,} leaves no "
+                         f"room to answer; use --ctx {n_documents + CHAT_ROOM:,} or leave --ctx out")
+    n_ctx = n_ctx or n_needed
+    window = grp_attn_w if grp_attn_w is not None else max(1, min(settings.AUTO_MAX_WINDOW, n_ctx_train // 8))
+    if grp_attn_n != "auto":
+        setting = settings.SelfExtend(grp_attn_n, window if grp_attn_n > 1 else 0)
+    elif n_ctx <= n_ctx_train:
+        setting = settings.SelfExtend()  # the trained context holds it: Self-Extend off
+    else:  # settings.choose's rule, for this window
+        group_size = (settings.smallest_group_size(n_ctx, n_ctx_train, window, settings.AUTO_TARGET_FRACTION)
+                      or settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0))
+        setting = settings.SelfExtend(group_size or 2, window)  # none fits: the checks below say why
+    try:
+        settings.validate(setting, 1, n_ctx_train)  # G and W themselves; how far they reach is next
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    reach = settings.max_context(n_ctx_train, setting)
+    if n_ctx > reach:
+        raise SetupError(_too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach))
+    return ContextPlan(n_ctx, setting, reach)
+
+
+def _too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach) -> str:
+    what = (f"grp_attn_n={setting.group_size}, grp_attn_w={setting.neighbor_window}" if setting.enabled
+            else "Self-Extend off (grp_attn_n=1)")
+    window = setting.neighbor_window or max(1, min(settings.AUTO_MAX_WINDOW, n_ctx_train // 8))
+    fitting = settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
+    fix = (f"--grp-attn-n {fitting} reaches it (or --grp-attn-n auto)" if fitting
+           else "use a smaller --grp-attn-w, or fewer documents")
+    return (f"the documents and prompt take {n_documents:,} tokens, a context of {n_ctx:,} with room to answer: "
+            f"{n_ctx - reach:,} more than {what} reach with a model trained on {n_ctx_train:,} tokens "
+            f"({reach:,}); {fix}")
+
+
+# ----------------------------------------------------------------------------- the session
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0         # the whole prompt: documents and conversation
+    prompt_evaluated: int = 0      # of which llama.cpp evaluated (the rest came from the cache)
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0      # sampled, the end-of-generation token included
+    generation_seconds: float = 0.0
+    finish_reason: str = ""        # "stop", "length", "context full" or "interrupted"
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prompt_tokens - self.prompt_evaluated
+
+
+@dataclass
+class IngestStats:
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ChatSession:
+    llm: MeteredLlama
+    prompt_format: ChatTemplate | RawText
+    documents: list[Document]
+    max_answer_tokens: int = 1024
+    sampling: dict = field(default_factory=dict)   # create_completion's temperature, top_p, ...
+    messages: list[dict] = field(default_factory=list)
+    ingested: IngestStats = field(default_factory=IngestStats)
+    last_turn: TurnStats | None = None
+
+    # --- what the model reads
+
+    def first_message(self, question: str) -> dict:
+        if not self.documents:
+            return {"role": "user", "content": question}
+        return {"role": "user", "content": f"{documents_text(self.documents)}\n\n{question}"}
+
+    def conversation(self, question: str) -> list[dict]:
+        if not self.messages:
+            return [self.first_message(question)]
+        return self.messages + [{"role": "user", "content": question}]
+
+    def tokenize(self, messages: list[dict]) -> list[int]:
+        text = self.prompt_format.render(messages)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.prompt_format.add_bos,
+                                 special=self.prompt_format.special)
+
+    def document_tokens(self) -> list[int]:
+        """The tokens every first prompt starts with, whatever the question: the template's opening
+        and the documents (found as the common start of two prompts with different questions)."""
+        one, other = self.tokenize([self.first_message("A")]), self.tokenize([self.first_message("B")])
+        return one[:Llama.longest_token_prefix(one, other)]
+
+    # --- sizes
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx_requested  # llama.cpp pads n_ctx; Self-Extend's reach is checked for this
+
+    @property
+    def n_used(self) -> int:
+        return self.llm.n_tokens
+
+    # --- the work
+
+    def ingest(self, on_progress: Callable[[int, int], None] | None = None) -> None:
+        """Evaluate the documents (once; the questions reuse them), n_batch tokens at a time."""
+        tokens = self.document_tokens()
+        on_progress = on_progress or (lambda done, total: None)
+        start = time.perf_counter()
+        self.llm.reset()
+        on_progress(0, len(tokens))
+        for begin in range(0, len(tokens), self.llm.n_batch):
+            self.llm.eval(tokens[begin:begin + self.llm.n_batch])
+            on_progress(min(begin + self.llm.n_batch, len(tokens)), len(tokens))
+        self.ingested = IngestStats(len(tokens), time.perf_counter() - start)
+
+    def ask(self, question: str, max_tokens: int | None = None) -> Iterator[str]:
+        """Stream the answer to `question`, then add both to the conversation.
+
+        Closing the iterator early (or Ctrl-C while iterating) keeps the partial answer.
+        Raises ContextFullError when the prompt leaves fewer than MIN_ANSWER_TOKENS to answer.
+        """
+        conversation = self.conversation(question)
+        tokens = self.tokenize(conversation)
+        requested = max_tokens or self.max_answer_tokens
+        room = self.n_ctx - len(tokens) - UTF8_SLACK
+        if room < min(MIN_ANSWER_TOKENS, requested):
+            raise ContextFullError(
+                f"no room left in the context: this prompt takes {len(tokens):,} of {self.n_ctx:,} tokens "
+                f"(the documents {self.ingested.tokens:,}); /reset starts the conversation over with the "
+                "documents still loaded, or start again with a larger --ctx")
+        max_tokens = min(requested, room)
+        turn = self.last_turn = TurnStats(prompt_tokens=len(tokens), finish_reason="interrupted")
+        evaluated_before, sampled_before, start = self.llm.n_evaluated, self.llm.n_sampled, time.perf_counter()
+        first_token_at = None
+
+        def note_first_token(input_ids, logits) -> bool:  # a stopping criterion that never stops
+            nonlocal first_token_at
+            if first_token_at is None:  # the prompt is evaluated, the first token sampled
+                first_token_at = time.perf_counter()
+                turn.prompt_evaluated = self.llm.n_evaluated - evaluated_before
+                turn.prompt_seconds = first_token_at - start
+            return False
+
+        stream = self.llm.create_completion(
+            tokens, max_tokens=max_tokens, stop=self.prompt_format.stop, stream=True,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([note_first_token]), **self.sampling)
+        answer = []
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    answer.append(choice["text"])
+                    yield choice["text"]
+                if choice["finish_reason"]:
+                    turn.finish_reason = choice["finish_reason"]
+            if turn.finish_reason == "length" and max_tokens < requested:
+                turn.finish_reason = "context full"
+        finally:
+            if first_token_at is not None:
+                turn.generation_seconds = time.perf_counter() - first_token_at
+            turn.generated_tokens = self.llm.n_sampled - sampled_before
+            if answer or turn.finish_reason != "interrupted":
+                self.messages = conversation + [{"role": "assistant", "content": "".join(answer)}]
+
+    def reset(self) -> None:
+        """Forget the conversation; the documents stay in the cache for the next question."""
+        self.messages = []
+        self.last_turn = None
+
+    # --- session files
+
+    def settings_record(self) -> dict:
+        """What a saved session must match to be loaded into this one."""
+        return {"model": str(Path(self.llm.model_path).resolve()), "model_size": self.llm.model_info.size_bytes,
+                "n_ctx": self.n_ctx, "grp_attn_n": self.llm.grp_attn_n, "grp_attn_w": self.llm.grp_attn_w,
+                "prompt_format": self.prompt_format.name}
+
+    def save(self, path) -> None:
+        """Write the conversation, the documents and the KV cache (llm.save_state()) to `path`."""
+        record = {"format": SESSION_FORMAT, "settings": self.settings_record(),
+                  "documents": [(str(doc.path), doc.text) for doc in self.documents],
+                  "messages": self.messages, "ingested": (self.ingested.tokens, self.ingested.seconds),
+                  "state": _without_scratch_logits(self.llm.save_state(), self.llm)}
+        path = Path(path).expanduser()
+        try:
+            with open(path, "wb") as f:
+                pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as error:
+            raise SessionFileError(f"cannot write {path}: {error.strerror or error}") from None
+
+    def load(self, path) -> None:
+        """Continue a session saved by save(), from a session opened with the same model and settings."""
+        path = Path(path).expanduser()
+        record = read_session_file(path)
+        saved, ours = record["settings"], self.settings_record()
+        if saved["model"] != ours["model"] or saved["model_size"] != ours["model_size"]:
+            raise SessionFileError(f"{path.name} was saved with the model {saved['model']}, and this chat runs "
+                                   f"{ours['model']}: start the chat with --model {saved['model']} to load it")
+        differences = [f"{key}={saved[key]} (this chat: {ours[key]})" for key in saved if saved[key] != ours[key]]
+        if differences:
+            raise SessionFileError(f"{path.name} was saved with other settings: {', '.join(differences)}; "
+                                   "start the chat with the same --ctx, --grp-attn-n and --grp-attn-w to load it")
+        self.llm.load_state(record["state"])
+        self.documents = [Document(Path(name), text) for name, text in record["documents"]]
+        self.messages = record["messages"]
+        self.ingested = IngestStats(*record["ingested"])
+        self.last_turn = None
+
+
+def _without_scratch_logits(state, llm):
+    """llama-cpp-python keeps every token's logits only with logits_all=True; otherwise `scores` is
+    n_batch rows of scratch space (the sampler reads llama.cpp's logits, which llama_state holds).
+    Keep one row, which load_state broadcasts, instead of n_batch * n_vocab floats."""
+    if len(llm.scores) < llm.n_ctx() and len(state.scores) > 1:  # fewer rows than n_ctx: no logits_all
+        state.scores = state.scores[-1:].copy()
+    return state
+
+
+class _SessionUnpickler(pickle.Unpickler):
+    """Unpickles only what save() writes: plain Python data, numpy arrays and a LlamaState."""
+    ALLOWED = {("llama_cpp.llama", "LlamaState"), ("numpy", "dtype"), ("numpy", "ndarray"),
+               ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_session_file(path: Path) -> dict:
+    """The record save() wrote: settings, documents, messages, ingested, state."""
+    try:
+        with open(path, "rb") as f:
+            record = _SessionUnpickler(f).load()
+    except OSError as error:
+        raise SessionFileError(f"cannot read {path}: {error.strerror or error}") from None
+    except Exception:
+        raise SessionFileError(f"{path} is not a selfextend-gguf session file") from None
+    if not isinstance(record, dict) or record.get("format") != SESSION_FORMAT:
+        raise SessionFileError(f"{path} is not a selfextend-gguf session file (or one from another version)")
+    return record
+
+
+# ----------------------------------------------------------------------------- opening
+
+def open_session(model_path, documents: list[Document], *, question: str = "", room: int = CHAT_ROOM,
+                 n_ctx: int | None = None, grp_attn_n="auto", grp_attn_w: int | None = None,
+                 raw: bool = False, max_answer_tokens: int = 1024, sampling: dict | None = None,
+                 verbose: bool = False) -> ChatSession:
+    """Load the model with a context sized to the documents (and `question`) plus `room` tokens.
+
+    Raises SetupError (or FileNotFoundError) for a model, documents or settings that cannot work.
+    """
+    try:
+        info = read_model_info(model_path)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    # the vocabulary alone (no weights) tokenizes the documents before n_ctx is known
+    vocabulary = Llama(str(info.path), vocab_only=True, n_ctx=info.n_ctx_train, verbose=verbose)
+    try:
+        prompt_format = RawText() if raw else ChatTemplate(vocabulary)
+        sizing = ChatSession(vocabulary, prompt_format, documents)
+        n_prompt = len(sizing.tokenize(sizing.conversation(question or "A")))
+    finally:
+        vocabulary.close()
+    plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
+                        grp_attn_w=grp_attn_w, n_documents=n_prompt)
+    llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, grp_attn_n=plan.self_extend.group_size,
+                       grp_attn_w=plan.self_extend.neighbor_window or None, verbose=verbose)
+    if not raw:
+        prompt_format = ChatTemplate(llm)
+    return ChatSession(llm, prompt_format, documents, max_answer_tokens=max_answer_tokens,
+                       sampling=sampling or {})
