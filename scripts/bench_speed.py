@@ -1,0 +1,118 @@
+"""Speed and memory of Self-Extend against plain llama.cpp, measured in one run.
+
+For each configuration, in its own process (one libllama per process, fresh caches):
+  prefill  - time to evaluate a prompt of --prefill tokens (n_batch = n_ubatch = 512)
+  decode   - tokens/s of single-token steps at a filled context of --decode-at tokens
+  memory   - KV cache size and compute buffer size, as llama.cpp reports them
+
+Configurations: Self-Extend on (G, W), off on the same attention path (flash attention off),
+and off with llama.cpp's fastest path (flash attention on). Prints a Markdown table of
+ratios against "off, same path". Usage:
+
+    python scripts/bench_speed.py                      # SmolLM2, 16k prefill, decode at 12k, 2 threads
+    python scripts/bench_speed.py --prefill 2048 --decode-at 1536 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "self-extend": dict(grp_attn_n=4, flash_attn=False),
+    "off": dict(grp_attn_n=1, flash_attn=False),
+    "off, flash attn": dict(grp_attn_n=1, flash_attn=True),
+}
+
+
+def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode: int, threads: int,
+            window: int) -> dict:
+    """Runs inside a child process (see main)."""
+    import numpy as np
+    from selfextend_gguf import Llama
+
+    llm = Llama(model, n_ctx=n_prefill + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, flash_attn=config["flash_attn"], verbose=True,
+                grp_attn_n=config["grp_attn_n"], grp_attn_w=window if config["grp_attn_n"] > 1 else None)
+    tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    prefill_s = time.perf_counter() - start
+
+    llm.n_tokens = n_decode_at  # rewind to the decode length (cells after it are removed)
+    start = time.perf_counter()
+    for token in tokens[n_decode_at:n_decode_at + n_decode]:
+        llm.eval([token])
+    decode_s = time.perf_counter() - start
+    return dict(prefill_tps=n_prefill / prefill_s, decode_tps=n_decode / decode_s)
+
+
+def parse_memory(log: str) -> dict:
+    """KV cache and compute buffer sizes (MiB) from llama.cpp's log; the last reserve counts."""
+    kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log)
+    compute = re.findall(r"CPU compute buffer size = +([\d.]+) MiB", log)
+    return dict(kv_mib=float(kv[-1]) if kv else None, compute_mib=float(compute[-1]) if compute else None)
+
+
+def run_child(args, name: str) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--model", args.model, "--prefill", str(args.prefill),
+               "--decode-at", str(args.decode_at), "--decode", str(args.decode), "--threads", str(args.threads),
+               "--window", str(args.window)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(parse_memory(done.stderr))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2)")
+    parser.add_argument("--prefill", type=int, default=16384)
+    parser.add_argument("--decode-at", type=int, default=12288)
+    parser.add_argument("--decode", type=int, default=64, help="decode steps to time")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--window", type=int, default=1024, help="Self-Extend W (G is 4)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every configuration this many times, interleaved, and keep the best")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model is None:
+        from selfextend_gguf.models import default_model_path
+        args.model = str(default_model_path())
+
+    if args.child:
+        print(json.dumps(measure(args.model, CONFIGS[args.child], args.prefill, args.decode_at, args.decode,
+                                 args.threads, args.window)))
+        return
+
+    results = {}
+    for repeat in range(args.repeats):  # interleaved, so that a busy spell hurts every configuration
+        for name in CONFIGS:
+            print(f"measuring {name} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+            result = run_child(args, name)
+            best = results.setdefault(name, result)
+            for key in ("prefill_tps", "decode_tps"):
+                best[key] = max(best[key], result[key])
+    base = results["off"]
+    print(f"\n{os.path.basename(args.model)}, {args.threads} threads, prefill {args.prefill} tokens, "
+          f"decode at {args.decode_at} tokens, Self-Extend G=4 W={args.window}\n")
+    print("| configuration | prefill tok/s | decode tok/s | KV MiB | compute MiB | prefill vs off | decode vs off | KV vs off |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {r['kv_mib']} | {r['compute_mib']} | "
+              f"{r['prefill_tps'] / base['prefill_tps']:.2f}x | {r['decode_tps'] / base['decode_tps']:.2f}x | "
+              f"{r['kv_mib'] / base['kv_mib']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
