@@ -1,0 +1,105 @@
+"""PNG plots of a run: accuracy heatmaps (depth x length, one panel per method), perplexity
+against length, throughput against filled context. matplotlib, headless (Agg)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .harness import _grouped, _k
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def retrieval_heatmaps(results, task, path: Path) -> Path | None:
+    rows, method_names, lengths = _grouped(results, task)
+    if not rows:
+        return None
+    plt = _pyplot()
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = plt.subplots(1, len(method_names), figsize=(1.2 + 0.9 * len(lengths) * len(method_names), 4.2),
+                             squeeze=False)
+    for ax, name in zip(axes[0], method_names):
+        hits = defaultdict(list)
+        for r in rows:
+            if r["method"] == name:
+                hits[(r["depth"], r["length"])].append(r["correct"])
+        grid = [[(sum(hits[(d, n)]) / len(hits[(d, n)])) if hits[(d, n)] else float("nan") for n in lengths]
+                for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if ax is axes[0][0] else [])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("prompt tokens")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
+    fig.suptitle(f"{task} retrieval")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def perplexity_curves(results, path: Path) -> Path | None:
+    rows, method_names, lengths = _grouped(results, "perplexity")
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in method_names:
+        points = sorted((r["length"], r["ppl"]) for r in rows if r["method"] == name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [_k(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"perplexity of the last {rows[0]['n_last']} tokens")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def throughput_curves(results, path: Path) -> Path | None:
+    rows, method_names, lengths = _grouped(results, "throughput")
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, field, label in ((axes[0], "prefill_tps", "prefill tokens/s"), (axes[1], "decode_tps", "decode tokens/s")):
+        for i, name in enumerate(method_names):
+            for fa, style in ((True, "-"), (False, "--")):
+                points = sorted((r["length"], r[field]) for r in rows if r["method"] == name and r["flash_attn"] == fa)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", color=f"C{i}",
+                            label=f"{name} ({'FA' if fa else 'no FA'})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [_k(n) for n in lengths])
+        ax.set_xlabel("filled context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(run: dict, folder: Path, prefix: str = "results") -> list:
+    """Every plot the run has data for; returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = run["results"]
+    made = [retrieval_heatmaps(results, "passkey", folder / f"{prefix}_passkey.png"),
+            retrieval_heatmaps(results, "needle", folder / f"{prefix}_needle.png"),
+            perplexity_curves(results, folder / f"{prefix}_perplexity.png"),
+            throughput_curves(results, folder / f"{prefix}_throughput.png")]
+    return [p for p in made if p is not None]
