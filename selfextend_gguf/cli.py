@@ -26,7 +26,7 @@ from . import settings
 from .documents import load_documents, read_text_file
 from .gguf_info import read_model_info
 from .models import ModelNotInstalledError, default_model_path
-from .server_settings import add_serve_arguments
+from .server_settings import add_serve_arguments, group_size_arg, positive_int_arg
 
 PROG = "selfextend-gguf"
 RUN_TOKENS = 256       # -n default for run
@@ -43,28 +43,6 @@ def say(message: str, style: str | None = None) -> None:
 
 # ----------------------------------------------------------------------------- arguments
 
-def group_size(value: str):
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {value!r}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Exact Self-Extend for GGUF models: "
                                      "read documents longer than the model's trained context.",
@@ -74,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", "-m", metavar="PATH", help="GGUF model (default: the embedded SmolLM2-135M-Instruct)")
-    model.add_argument("--ctx", "-c", type=positive_int, metavar="N",
+    model.add_argument("--ctx", "-c", type=positive_int_arg, metavar="N",
                        help="context size in tokens (default: the documents plus room to answer)")
-    model.add_argument("--grp-attn-n", type=group_size, default="auto", metavar="G|auto",
+    model.add_argument("--grp-attn-n", type=group_size_arg, default="auto", metavar="G|auto",
                        help="Self-Extend group size; auto (default) picks it from the context and the trained context")
-    model.add_argument("--grp-attn-w", type=positive_int, metavar="W",
+    model.add_argument("--grp-attn-w", type=positive_int_arg, metavar="W",
                        help="Self-Extend neighbor window (default: min(1024, trained context / 8))")
 
     generation = argparse.ArgumentParser(add_help=False, parents=[model])
@@ -90,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", parents=[generation], help="chat about documents",
                                description="Chat about documents: they are read once, every question reuses them. "
                                "Type /help in the chat for its commands.")
-    chat.add_argument("-n", type=positive_int, default=CHAT_TOKENS, metavar="N",
+    chat.add_argument("-n", type=positive_int_arg, default=CHAT_TOKENS, metavar="N",
                       help=f"longest answer in tokens (default {CHAT_TOKENS})")
     chat.set_defaults(handler=chat_command, temp_default=0.7)
 
@@ -99,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = run.add_mutually_exclusive_group(required=True)
     prompt.add_argument("-p", "--prompt", help="the prompt (a question about the documents)")
     prompt.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE")
-    run.add_argument("-n", type=positive_int, default=RUN_TOKENS, metavar="N",
+    run.add_argument("-n", type=positive_int_arg, default=RUN_TOKENS, metavar="N",
                      help=f"tokens to generate at most (default {RUN_TOKENS})")
     run.add_argument("--raw", action="store_true",
                      help="plain completion of the documents and prompt, without the chat template")
