@@ -68,6 +68,22 @@ def test_token_by_token_decode_matches_reference(tiny_f32_gguf, tiny_reference, 
     assert error <= TOLERANCE
 
 
+def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_reference):
+    """900 tokens, 14x the trained context: the grouped, window and mixed cell ranges of the patch
+    start on 256-cell pages other than the first, the first ubatch lies wholly inside the window
+    (no grouped cells yet), then single-token decode steps slide the window across a page."""
+    group_size, window = 36, 40
+    n = fitting_length(group_size, window, cap=900)
+    assert n == 900
+    tokens = random_tokens(n, seed=10)
+    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=96, n_ubatch=32)
+    llm.eval(tokens[:740])
+    for token in tokens[740:]:
+        llm.eval([token])
+    error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
+    assert error <= TOLERANCE, f"max |diff| {error:.2e}"
+
+
 def test_rewind_and_reevaluate_matches_reference(tiny_f32_gguf, tiny_reference):
     group_size, window = 4, 16
     first, second = random_tokens(200, seed=1), random_tokens(200, seed=2)
