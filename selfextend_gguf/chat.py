@@ -111,7 +111,8 @@ class ContextPlan:
 
 
 def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, grp_attn_n="auto",
-                 grp_attn_w: int | None = None, n_documents: int | None = None) -> ContextPlan:
+                 grp_attn_w: int | None = None, n_documents: int | None = None,
+                 sliding_window: int | None = None) -> ContextPlan:
     """n_ctx (n_needed unless given) and the Self-Extend settings for it (chosen when "auto").
 
     n_documents: the tokens that must fit before any answer (the documents and prompt).
@@ -122,7 +123,7 @@ def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, g
         raise SetupError(f"the documents and prompt take {n_documents:,} tokens: --ctx {n_ctx:,} leaves no "
                          f"room to answer; use --ctx {n_documents + CHAT_ROOM:,} or leave --ctx out")
     n_ctx = n_ctx or n_needed
-    window = grp_attn_w if grp_attn_w is not None else max(1, min(settings.AUTO_MAX_WINDOW, n_ctx_train // 8))
+    window = grp_attn_w if grp_attn_w is not None else settings.default_window(n_ctx_train, sliding_window)
     if grp_attn_n != "auto":
         setting = settings.SelfExtend(grp_attn_n, window if grp_attn_n > 1 else 0)
     elif n_ctx <= n_ctx_train:
@@ -132,7 +133,7 @@ def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, g
                       or settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0))
         setting = settings.SelfExtend(group_size or 2, window)  # none fits: the checks below say why
     try:
-        settings.validate(setting, 1, n_ctx_train)  # G and W themselves; how far they reach is next
+        settings.validate(setting, 1, n_ctx_train, sliding_window)  # G and W themselves; how far they reach is next
     except ValueError as error:
         raise SetupError(str(error)) from None
     reach = settings.max_context(n_ctx_train, setting)
@@ -144,7 +145,7 @@ def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, g
 def _too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach) -> str:
     what = (f"grp_attn_n={setting.group_size}, grp_attn_w={setting.neighbor_window}" if setting.enabled
             else "Self-Extend off (grp_attn_n=1)")
-    window = setting.neighbor_window or max(1, min(settings.AUTO_MAX_WINDOW, n_ctx_train // 8))
+    window = setting.neighbor_window or settings.default_window(n_ctx_train)
     fitting = settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
     fix = (f"--grp-attn-n {fitting} reaches it (or --grp-attn-n auto)" if fitting
            else "use a smaller --grp-attn-w, or fewer documents")
@@ -385,7 +386,7 @@ def open_session(model_path, documents: list[Document], *, question: str = "", r
     finally:
         vocabulary.close()
     plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
-                        grp_attn_w=grp_attn_w, n_documents=n_prompt)
+                        grp_attn_w=grp_attn_w, n_documents=n_prompt, sliding_window=info.sliding_window)
     llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, grp_attn_n=plan.self_extend.group_size,
                        grp_attn_w=plan.self_extend.neighbor_window or None, verbose=verbose)
     if not raw:

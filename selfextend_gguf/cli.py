@@ -372,7 +372,7 @@ def info_command(args) -> int:
     if not info.has_rope:
         stdout.print(f"Self-Extend: not possible ({info.architecture} has no RoPE)")
         return 0
-    window = args.grp_attn_w or max(1, min(settings.AUTO_MAX_WINDOW, info.n_ctx_train // 8))
+    window = args.grp_attn_w or settings.default_window(info.n_ctx_train, info.sliding_window)
     if args.ctx is None and args.grp_attn_n == "auto":
         reach = Table("--grp-attn-n", "--grp-attn-w", "reaches (tokens)")
         for g in (2, 4, 8, 16, 32):
@@ -382,12 +382,12 @@ def info_command(args) -> int:
         return 0
     n_ctx = args.ctx or info.n_ctx_train
     if args.grp_attn_n == "auto":
-        setting = settings.choose(n_ctx, info.n_ctx_train)
+        setting = settings.choose(n_ctx, info.n_ctx_train, info.sliding_window)
         if setting.enabled and args.grp_attn_w:
             setting = settings.SelfExtend(setting.group_size, args.grp_attn_w)
     else:
         setting = settings.SelfExtend(args.grp_attn_n, window if args.grp_attn_n > 1 else 0)
-    settings.validate(setting, n_ctx, info.n_ctx_train)
+    settings.validate(setting, n_ctx, info.n_ctx_train, info.sliding_window)
     reach = settings.max_context(info.n_ctx_train, setting)
     if setting.enabled:
         stdout.print(f"Self-Extend for --ctx {n_ctx:,}: --grp-attn-n {setting.group_size} --grp-attn-w "

@@ -21,6 +21,7 @@ class ModelInfo:
     rope_dimension_count: int | None
     file_type: int | None
     size_bytes: int
+    sliding_window: int | None = None   # n_swa of the sliding-window layers (Gemma 3), None if none
 
     @property
     def has_rope(self) -> bool:
@@ -67,4 +68,5 @@ def read_model_info(path) -> ModelInfo:
         rope_dimension_count=_field(reader, f"{architecture}.rope.dimension_count"),
         file_type=_field(reader, "general.file_type"),
         size_bytes=path.stat().st_size,
+        sliding_window=_field(reader, f"{architecture}.attention.sliding_window") or None,
     )

@@ -22,15 +22,15 @@ logger = logging.getLogger("selfextend_gguf")
 def resolve_self_extend(grp_attn_n, grp_attn_w, n_ctx: int, info: ModelInfo) -> settings.SelfExtend:
     """Turn the user's grp_attn_n / grp_attn_w into checked settings (ValueError if invalid)."""
     if grp_attn_n == "auto":
-        chosen = settings.choose(n_ctx, info.n_ctx_train)
+        chosen = settings.choose(n_ctx, info.n_ctx_train, info.sliding_window)
         if grp_attn_w is not None and chosen.enabled:
             chosen = settings.SelfExtend(chosen.group_size, grp_attn_w)
         setting = chosen
     else:
         if grp_attn_w is None and isinstance(grp_attn_n, int) and grp_attn_n > 1:
-            grp_attn_w = max(1, min(settings.AUTO_MAX_WINDOW, info.n_ctx_train // 8))
+            grp_attn_w = settings.default_window(info.n_ctx_train, info.sliding_window)
         setting = settings.SelfExtend(grp_attn_n, grp_attn_w if grp_attn_w is not None else 0)
-    settings.validate(setting, n_ctx, info.n_ctx_train)
+    settings.validate(setting, n_ctx, info.n_ctx_train, info.sliding_window)
     if setting.enabled:
         if not info.has_rope:
             raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
@@ -90,12 +90,12 @@ class Llama(llama_cpp.Llama):
     def set_self_extend(self, group_size: int, neighbor_window: int) -> None:
         """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes)."""
         setting = settings.SelfExtend(group_size, neighbor_window if group_size > 1 else 0)
-        settings.validate(setting, self.n_ctx_requested, self.model_info.n_ctx_train)
+        settings.validate(setting, self.n_ctx_requested, self.model_info.n_ctx_train, self.model_info.sliding_window)
         status = self._lib.llama_set_self_extend(self._ctx.ctx, setting.group_size, setting.neighbor_window)
         if status != 0:
             raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={neighbor_window}) for "
-                             f"{self.model_info.path.name}: it needs a RoPE model whose KV cache is not "
-                             "sliding-window or hybrid (status {status})")
+                             f"{self.model_info.path.name} (status {status}): it needs a RoPE model with a "
+                             "plain or sliding-window (iSWA) KV cache, not a recurrent or hybrid memory")
         self.self_extend = setting
 
     def close(self) -> None:

@@ -40,8 +40,12 @@ def max_context(n_ctx_train: int, setting: SelfExtend) -> int:
     return (n_ctx_train - window + window // group_size) * group_size
 
 
-def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int) -> None:
-    """Raise ValueError naming the problem and the fix."""
+def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int, sliding_window: int | None = None) -> None:
+    """Raise ValueError naming the problem and the fix.
+
+    A model with sliding-window layers (Gemma 3) gets Self-Extend on its global layers only: a
+    sliding-window layer sees keys less than n_swa tokens back, which Self-Extend leaves at their
+    normal positions anyway when W >= n_swa. So W must be at least the sliding window."""
     group_size, window = setting.group_size, setting.neighbor_window
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"grp_attn_n must be an integer >= 1 or 'auto', got {group_size!r}")
@@ -49,6 +53,10 @@ def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int) -> None:
         return
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"grp_attn_w (the neighbor window) must be an integer >= 1, got {window!r}")
+    if sliding_window and window < sliding_window:
+        raise ValueError(f"grp_attn_w={window} is smaller than the model's sliding window ({sliding_window} "
+                         f"tokens): its sliding-window layers are left as they are, which is exact only when "
+                         f"every key they see is inside the neighbor window; use grp_attn_w >= {sliding_window}")
     if window >= n_ctx_train:
         raise ValueError(f"grp_attn_w={window} must be smaller than the model's trained context "
                          f"({n_ctx_train} tokens); try grp_attn_w={max(1, n_ctx_train // 8)}")
@@ -72,12 +80,17 @@ def smallest_group_size(n_ctx: int, n_ctx_train: int, window: int, fraction: flo
     return None
 
 
-def choose(n_ctx: int, n_ctx_train: int) -> SelfExtend:
-    """grp_attn_n='auto': off inside the trained context, else W = min(1024, L/8) and the smallest G
+def default_window(n_ctx_train: int, sliding_window: int | None = None) -> int:
+    """W = min(1024, L/8), and at least the sliding window of a model that has one (see validate)."""
+    return max(1, min(AUTO_MAX_WINDOW, n_ctx_train // 8), sliding_window or 0)
+
+
+def choose(n_ctx: int, n_ctx_train: int, sliding_window: int | None = None) -> SelfExtend:
+    """grp_attn_n='auto': off inside the trained context, else W = default_window() and the smallest G
     that keeps W + (n_ctx - W)/G within 2/3 of the trained context L."""
     if n_ctx <= n_ctx_train:
         return SelfExtend()
-    window = max(1, min(AUTO_MAX_WINDOW, n_ctx_train // 8))
+    window = default_window(n_ctx_train, sliding_window)
     group_size = smallest_group_size(n_ctx, n_ctx_train, window, AUTO_TARGET_FRACTION)
     if group_size is None:
         raise ValueError(f"no group size lets n_ctx={n_ctx} fit a model trained on {n_ctx_train} tokens")
