@@ -5,12 +5,13 @@ For each configuration, in its own process (one libllama per process, fresh cach
   decode   - tokens/s of single-token steps at a filled context of --decode-at tokens
   memory   - KV cache size and compute buffer size, as llama.cpp reports them
 
-Configurations: Self-Extend on (G, W), off on the same attention path (flash attention off),
-and off with llama.cpp's fastest path (flash attention on). Prints a Markdown table of
-ratios against "off, same path". Usage:
+Configurations: Self-Extend on (G, W) and off, each with flash attention off and on. Prints a
+Markdown table of ratios against off on the same attention path (the same flash attention
+setting), and against off without flash attention. Usage:
 
     python scripts/bench_speed.py                      # SmolLM2, 16k prefill, decode at 12k, 2 threads
     python scripts/bench_speed.py --prefill 2048 --decode-at 1536 --json out.json
+    python scripts/bench_speed.py --configs "self-extend, flash attn" "off, flash attn"
 """
 from __future__ import annotations
 
@@ -25,8 +26,14 @@ import time
 CONFIGS = {
     "self-extend": dict(grp_attn_n=4, flash_attn=False),
     "off": dict(grp_attn_n=1, flash_attn=False),
+    "self-extend, flash attn": dict(grp_attn_n=4, flash_attn=True),
     "off, flash attn": dict(grp_attn_n=1, flash_attn=True),
 }
+
+
+def baseline(name: str) -> str:
+    """Off on the same attention path."""
+    return "off, flash attn" if CONFIGS[name]["flash_attn"] else "off"
 
 
 def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode: int, threads: int,
@@ -80,6 +87,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024, help="Self-Extend W (G is 4)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every configuration this many times, interleaved, and keep the best")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations to measure (each with its baseline)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -92,20 +101,22 @@ def main() -> None:
                                  args.threads, args.window)))
         return
 
+    names = [name for name in CONFIGS if name in args.configs or name in map(baseline, args.configs)]
     results = {}
     for repeat in range(args.repeats):  # interleaved, so that a busy spell hurts every configuration
-        for name in CONFIGS:
+        for name in names:
             print(f"measuring {name} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             result = run_child(args, name)
             best = results.setdefault(name, result)
             for key in ("prefill_tps", "decode_tps"):
                 best[key] = max(best[key], result[key])
-    base = results["off"]
     print(f"\n{os.path.basename(args.model)}, {args.threads} threads, prefill {args.prefill} tokens, "
           f"decode at {args.decode_at} tokens, Self-Extend G=4 W={args.window}\n")
-    print("| configuration | prefill tok/s | decode tok/s | KV MiB | compute MiB | prefill vs off | decode vs off | KV vs off |")
+    print("| configuration | prefill tok/s | decode tok/s | KV MiB | compute MiB "
+          "| prefill vs off, same path | decode vs off, same path | KV vs off |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        base = results[baseline(name)]
         print(f"| {name} | {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {r['kv_mib']} | {r['compute_mib']} | "
               f"{r['prefill_tps'] / base['prefill_tps']:.2f}x | {r['decode_tps'] / base['decode_tps']:.2f}x | "
               f"{r['kv_mib'] / base['kv_mib']:.2f}x |")

@@ -15,6 +15,8 @@ llama_cpp = load_llama_cpp()
 # the operations the Self-Extend graph may add to llama.cpp's attention (see docs/backends.md)
 SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT", "VIEW", "PERMUTE",
                    "RESHAPE", "TRANSPOSE", "MUL_MAT", "SOFT_MAX"}
+# and with flash attention: K and V padded to the doubled head size, one flash attention per layer
+SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT"}
 
 
 def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False):
@@ -58,3 +60,13 @@ def test_self_extend_adds_only_supported_ops(tiny_f32_gguf, type_k):
     assert added <= SELF_EXTEND_OPS, f"ops outside the documented list: {sorted(added - SELF_EXTEND_OPS)}"
     assert "CONCAT" in added  # the blocks of scores
     assert extended <= vanilla | SELF_EXTEND_OPS
+
+
+def test_self_extend_with_flash_attention_uses_flash_attention(tiny_f32_gguf):
+    """Prefill ubatches take one flash attention per layer (over the doubled head size); decode
+    steps take the non-flash blocks. Only documented operations either way."""
+    vanilla = graph_ops(tiny_f32_gguf, 1, None, 192, flash_attn=True)
+    extended = graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=True)
+    assert "FLASH_ATTN_EXT" in vanilla and "FLASH_ATTN_EXT" in extended
+    assert {"PAD", "CONCAT"} <= extended - vanilla
+    assert extended <= vanilla | SELF_EXTEND_FLASH_OPS, f"undocumented: {sorted(extended - vanilla - SELF_EXTEND_FLASH_OPS)}"
