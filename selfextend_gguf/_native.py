@@ -88,7 +88,8 @@ def _candidate_dirs() -> list[Path]:
     except (ImportError, PackageNotFoundError):
         pass
     # Not installed at all: a build tree of this checkout (build/<wheel tag>/bin).
-    dirs.extend(sorted((here.parent / "build").glob("*/bin")))
+    # (build/unpatched is the tests' plain llama.cpp, never a candidate)
+    dirs.extend(d for d in sorted((here.parent / "build").glob("*/bin")) if d.parent.name != "unpatched")
     unique: list[Path] = []
     for d in dirs:
         if d not in unique:

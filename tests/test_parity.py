@@ -26,9 +26,9 @@ def random_tokens(n, seed=0, n_vocab=320):
     return np.random.default_rng(seed).integers(0, n_vocab, size=n).tolist()
 
 
-def tiny_llama(path, n_ctx, group_size, window, **kwargs):
+def tiny_llama(path, n_ctx, group_size, window, type_k=F32, type_v=F32, **kwargs):
     return Llama(str(path), n_ctx=n_ctx, grp_attn_n=group_size, grp_attn_w=window, logits_all=True,
-                 type_k=F32, type_v=F32, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
+                 type_k=type_k, type_v=type_v, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
 
 
 def reference_logits(reference, tokens, group_size, window):
@@ -82,6 +82,52 @@ def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_re
         llm.eval([token])
     error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
     assert error <= TOLERANCE, f"max |diff| {error:.2e}"
+
+
+@pytest.mark.parametrize("group_size,window,n_ubatch", [(4, 16, 32), (3, 10, 64), (2, 8, 7), (8, 40, 32)])
+def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch):
+    """flash_attn=True: prefill ubatches go through one flash attention over the doubled head size
+    (patch 0003, build_attn_flash_self_extend), the last 20 tokens are single-token decode steps."""
+    n = fitting_length(group_size, window)
+    tokens = random_tokens(n, seed=group_size)
+    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=96, n_ubatch=n_ubatch, flash_attn=True)
+    llm.eval(tokens[:n - 20])
+    for token in tokens[n - 20:]:
+        llm.eval([token])
+    error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
+    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
+
+
+def test_rope_scaling_in_the_gguf_composes(tmp_path, make_tiny_gguf):
+    """A GGUF with linear RoPE scaling (factor 2) and per-frequency factors (rope_freqs.weight):
+    the grouped query and the re-rotated keys use the layer's own scaled RoPE, so Self-Extend on
+    top of it matches the reference, which applies the same scaling to the grouped positions."""
+    from selfextend_gguf.reference import ReferenceModel
+    path = make_tiny_gguf.write_tiny_llama(tmp_path / "scaled.gguf", weight_type="f32",
+                                           rope_scaling="linear", rope_scaling_factor=2.0,
+                                           rope_freq_factors=True)
+    reference = ReferenceModel.from_gguf(path, dtype=torch.float64)
+    assert reference.rope.freq_scale == 0.5 and reference.rope.freq_factors is not None
+    group_size, window = 4, 16
+    n = fitting_length(group_size, window)
+    tokens = random_tokens(n, seed=11)
+    llm = tiny_llama(path, n, group_size, window, n_batch=64, n_ubatch=32)
+    llm.eval(tokens[:n - 20])
+    for token in tokens[n - 20:]:
+        llm.eval([token])
+    expected = reference_logits(reference, tokens, group_size, window)
+    error = np.abs(np.asarray(llm.scores[:n]) - expected).max()
+    assert error <= TOLERANCE, f"max |diff| {error:.2e}"
+    unscaled = ReferenceModel.from_gguf(make_tiny_gguf.write_tiny_llama(tmp_path / "plain.gguf", weight_type="f32"),
+                                        dtype=torch.float64)
+    assert np.abs(expected - reference_logits(unscaled, tokens, group_size, window)).max() > 100 * TOLERANCE
+
+
+def test_yarn_gguf_is_refused_with_the_fix(tmp_path, make_tiny_gguf):
+    path = make_tiny_gguf.write_tiny_llama(tmp_path / "yarn.gguf", weight_type="f32", rope_scaling="yarn",
+                                           rope_scaling_factor=4.0)
+    with pytest.raises(ValueError, match="YaRN"):
+        tiny_llama(path, 200, 4, 16)
 
 
 def test_rewind_and_reevaluate_matches_reference(tiny_f32_gguf, tiny_reference):

@@ -50,6 +50,20 @@ def test_tiny_gguf_is_deterministic_and_cli_works(tmp_path, tiny_gguf_paths, mak
         make_tiny_gguf.write_tiny_llama(tmp_path / "bad.gguf", weight_type="q4_k")
 
 
+def test_tiny_qwen2_is_the_llama_weights_plus_biases(tmp_path, tiny_gguf_paths, tiny_qwen2_gguf, make_tiny_gguf):
+    llama, qwen2 = gguf.GGUFReader(tiny_gguf_paths["f32"]), gguf.GGUFReader(tiny_qwen2_gguf)
+    assert field(qwen2, "general.architecture") == "qwen2"
+    assert field(qwen2, "qwen2.rope.freq_base") == 1e6
+    assert field(qwen2, "tokenizer.ggml.tokens") == field(llama, "tokenizer.ggml.tokens")
+    llama_tensors = {t.name: t.data for t in llama.tensors}
+    qwen2_tensors = {t.name: t.data for t in qwen2.tensors}
+    biases = {f"blk.{i}.attn_{p}.bias" for i in range(2) for p in "qkv"}
+    assert set(qwen2_tensors) == set(llama_tensors) | biases
+    assert all((qwen2_tensors[name] == data).all() for name, data in llama_tensors.items())
+    make_tiny_gguf.main([str(tmp_path / "qwen2.gguf"), "--arch", "qwen2"])
+    assert (tmp_path / "qwen2.gguf").read_bytes() == tiny_qwen2_gguf.read_bytes()
+
+
 def llama_cpp_or_skip():
     """llama_cpp bound to the project's libllama (never `import llama_cpp` directly: a process
     loads only one libllama), or skip where none loads."""

@@ -1,6 +1,7 @@
 """The reference's vanilla forward against an independent implementation of the same GGUF file:
 Hugging Face transformers' LlamaForCausalLM loaded with gguf_file= (its own GGUF reader,
-dequantizer, Q/K un-permutation and NeoX-layout RoPE).
+dequantizer, Q/K un-permutation and NeoX-layout RoPE), and Qwen2ForCausalLM for the tiny qwen2
+fixture (Q/K/V biases, NeoX RoPE on weights stored unpermuted).
 
 Float64: transformers' Llama computes RMSNorm, the RoPE angles and eager softmax in float32
 even in a float64 model, which alone leaves ~1e-5 logit differences. `lift_float32_casts`
@@ -8,7 +9,8 @@ replaces those two pieces (RMSNorm, rotary embedding) with the same formulas eva
 model's dtype; attention runs through SDPA, which computes in float64. Measured on this
 project's machine: max |diff| ~7e-15 (tiny fixtures) and ~9e-14 (SmolLM2, 64 tokens).
 Float32 (stock transformers, both in float32): ~5e-6 (tiny) and ~5e-5 (SmolLM2).
-transformers loads all four tiny fixtures (F32, F16, Q8_0, tied F32) and SmolLM2 Q4_1.
+transformers loads all four tiny fixtures (F32, F16, Q8_0, tied F32), the tiny qwen2 F32 fixture
+and SmolLM2 Q4_1.
 """
 import types
 from pathlib import Path
@@ -17,8 +19,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import GgufConfig, LlamaForCausalLM  # noqa: E402
+from transformers import GgufConfig, LlamaForCausalLM, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # noqa: E402
 
 from selfextend_gguf.reference import ReferenceModel  # noqa: E402
 
@@ -44,11 +47,11 @@ def _rms_norm_in_model_dtype(self, x):
 def lift_float32_casts(model):
     """Evaluate transformers' RMSNorm and RoPE angles in the model's dtype (see module doc)."""
     for module in model.modules():
-        if isinstance(module, LlamaRMSNorm):
+        if isinstance(module, (LlamaRMSNorm, Qwen2RMSNorm)):
             module.forward = types.MethodType(_rms_norm_in_model_dtype, module)
     config = model.config
     assert config.rope_parameters["rope_type"] == "default"
-    dim = config.head_dim
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # Qwen2Config has none
     inv_freq = 1.0 / (config.rope_parameters["rope_theta"]
                       ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
@@ -62,19 +65,19 @@ def lift_float32_casts(model):
     return model
 
 
-def load_transformers(path):
+def load_transformers(path, model_class=LlamaForCausalLM):
     path = Path(path)
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float64,
-                                             quantization_config=GgufConfig(dequantize=True),
-                                             attn_implementation="sdpa")
+    model = model_class.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float64,
+                                        quantization_config=GgufConfig(dequantize=True),
+                                        attn_implementation="sdpa")
     return lift_float32_casts(model.eval())
 
 
-def compare(path, reference, tokens):
+def compare(path, reference, tokens, model_class=LlamaForCausalLM):
     """(max |diff| in float64, max |diff| in float32) of vanilla logits."""
-    hf = load_transformers(path)
+    hf = load_transformers(path, model_class)
     ids = torch.tensor(tokens)[None]
     with torch.no_grad():
         hf64 = hf(ids).logits[0]
@@ -92,6 +95,14 @@ def test_tiny_fixture_matches_transformers(tiny_gguf_paths, kind):
     tokens = torch.randint(0, 317, (200,), generator=torch.Generator().manual_seed(5)).tolist()
     diff64, diff32 = compare(path, reference, tokens)  # 200 tokens: past the trained context 64
     print(f"{kind}: max|logit diff| float64 {diff64:.3g}, float32 {diff32:.3g}")
+    assert diff64 <= FP64_TOL
+    assert diff32 <= FP32_TOL
+
+
+def test_tiny_qwen2_matches_transformers(tiny_qwen2_gguf, tiny_qwen2_reference):
+    tokens = torch.randint(0, 317, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    diff64, diff32 = compare(tiny_qwen2_gguf, tiny_qwen2_reference, tokens, Qwen2ForCausalLM)
+    print(f"qwen2: max|logit diff| float64 {diff64:.3g}, float32 {diff32:.3g}")
     assert diff64 <= FP64_TOL
     assert diff32 <= FP32_TOL
 

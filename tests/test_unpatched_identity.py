@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from native_build import ROOT, build_llama_cpp
 from selfextend_gguf._native import lib_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 UNPATCHED_BUILD = ROOT / "build" / "unpatched"
 
 # runs in a child process with LLAMA_CPP_LIB_PATH set: plain llama-cpp-python, no selfextend_gguf
@@ -37,15 +37,8 @@ np.save(out, np.asarray(llm.scores[:n_tokens]))
 
 def unpatched_lib_dir() -> Path:
     library = UNPATCHED_BUILD / "bin" / "libllama.so"
-    if not library.exists():
-        sdists = sorted(ROOT.glob("build/*/_deps/llama_cpp_python-0.3.36.tar.gz"))
-        configure = ["cmake", "-S", str(ROOT), "-B", str(UNPATCHED_BUILD), "-G", "Ninja",
-                     "-DCMAKE_BUILD_TYPE=Release", "-DSELFEXTEND_APPLY_PATCHES=OFF"]
-        if sdists:  # reuse the sdist the package build downloaded
-            configure.append(f"-DSELFEXTEND_LLAMA_CPP_SDIST={sdists[0]}")
-        subprocess.run(configure, check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(UNPATCHED_BUILD), "--target", "llama"], check=True,
-                       capture_output=True)
+    if not library.exists():  # built once: the unpatched source does not change
+        build_llama_cpp(UNPATCHED_BUILD, ["-DSELFEXTEND_APPLY_PATCHES=OFF"], ["llama"])
     assert library.exists(), f"the unpatched build did not produce {library}"
     return library.parent
 

@@ -97,11 +97,17 @@ def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, 
     check_group_args(group_size, window)
     rope = rope or default_rope(q.shape[-1])
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale)
+    return softmax_attend(scores, causal_mask(q_pos, k_pos), v)
+
+
+def self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale):
+    """[n_head, n_q, n_k] Self-Extend scores before masking: the neighbor score where q - k < W,
+    the grouped score elsewhere (see self_extend_attention)."""
     neighbor = rotated_scores(q, k, q_pos, k_pos, rope, scale)
     grouped = rotated_scores(q, k, grouped_query_position(q_pos, group_size, window),
                              grouped_key_position(k_pos, group_size), rope, scale)
-    scores = torch.where(neighbor_mask(q_pos, k_pos, window), neighbor, grouped)
-    return softmax_attend(scores, causal_mask(q_pos, k_pos), v)
+    return torch.where(neighbor_mask(q_pos, k_pos, window), neighbor, grouped)
 
 
 def chunked_attention(q, k, v, group_size, window, rope=None, scale=None,

@@ -1,8 +1,10 @@
-"""Read a llama-architecture GGUF file with the `gguf` package: hyperparameters and dequantized tensors.
+"""Read a llama- or qwen2-architecture GGUF file with the `gguf` package: hyperparameters and
+dequantized tensors.
 
 Tensors come back in torch order (the reverse of ggml's ne): a weight of ggml shape
-[n_in, n_out] is returned as [n_out, n_in], so that y = x @ W.T. The Q and K weights are
-kept exactly as stored, i.e. in the layout llama.cpp expects for its normal RoPE.
+[n_in, n_out] is returned as [n_out, n_in], so that y = x @ W.T. The Q and K weights (and
+biases) are kept exactly as stored, i.e. in the layout llama.cpp expects for the
+architecture's RoPE (ROPE_NEOX below).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,10 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# the RoPE layout llama.cpp uses for each supported architecture (llama_model_rope_type):
+# llama LLAMA_ROPE_TYPE_NORM (adjacent pairs), qwen2 LLAMA_ROPE_TYPE_NEOX (halves)
+ROPE_NEOX = {"llama": False, "qwen2": True}
+SUPPORTED_ARCHITECTURES = tuple(ROPE_NEOX)
 
 
 class GGUFError(ValueError):
@@ -32,6 +37,12 @@ class LlamaHParams:
     rope_dims: int
     rope_base: float
     rope_freq_scale: float    # 1 / linear scaling factor
+    architecture: str = "llama"
+
+    @property
+    def rope_neox(self) -> bool:
+        """True where llama.cpp rotates (x[i], x[i + n_rot/2]) pairs, False for (x[2i], x[2i+1])."""
+        return ROPE_NEOX[self.architecture]
 
 
 def open_gguf(path):
@@ -66,7 +77,8 @@ def architecture(reader):
 
 
 def read_llama_hparams(reader, path=""):
-    """LlamaHParams from the llama.* metadata keys; raises GGUFError for other architectures."""
+    """LlamaHParams from the {arch}.* metadata keys (llama, qwen2: the same keys and meaning);
+    raises GGUFError for other architectures."""
     arch = architecture(reader)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"{path}: unsupported architecture {arch!r}; the reference decoder "
@@ -87,7 +99,7 @@ def read_llama_hparams(reader, path=""):
         return value
 
     if optional("expert_count", 0):
-        raise GGUFError(f"{path}: mixture-of-experts llama models are not supported")
+        raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported")
     scaling = optional("rope.scaling.type", "none")
     factor = float(optional("rope.scaling.factor", 0.0) or 0.0)
     if scaling not in ("none", "linear") or (scaling == "none" and factor not in (0.0, 1.0)):
@@ -113,6 +125,7 @@ def read_llama_hparams(reader, path=""):
         rope_dims=int(optional("rope.dimension_count", head_dim)),
         rope_base=float(optional("rope.freq_base", 10000.0)),
         rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
+        architecture=arch,
     )
 
 
@@ -131,7 +144,35 @@ def read_tensors(reader, path=""):
 
 
 def load_llama_gguf(path):
-    """(LlamaHParams, {name: float32 ndarray}) for a llama-architecture GGUF file."""
+    """(LlamaHParams, {name: float32 ndarray}) for a llama- or qwen2-architecture GGUF file."""
     reader = open_gguf(path)
     hparams = read_llama_hparams(reader, path)
     return hparams, read_tensors(reader, path)
+
+
+class TensorTaker:
+    """Hands out a GGUF's tensors by name, checking their shape, and knows which were never taken."""
+
+    def __init__(self, arrays, path, dtype):
+        self.arrays, self.path, self.dtype = arrays, path, dtype
+        self.taken = set()
+
+    def __call__(self, name, shape):
+        """The tensor name as a torch tensor of dtype; GGUFError if missing or of another shape."""
+        if name not in self.arrays:
+            raise GGUFError(f"{self.path}: missing tensor {name!r}")
+        if tuple(self.arrays[name].shape) != shape:
+            raise GGUFError(f"{self.path}: tensor {name!r} has shape {tuple(self.arrays[name].shape)}, "
+                            f"expected {shape}")
+        self.taken.add(name)
+        import torch  # the loader itself works without torch
+        return torch.from_numpy(self.arrays[name]).to(self.dtype)
+
+    def optional(self, name, shape):
+        return self(name, shape) if name in self.arrays else None
+
+    def check_all_taken(self, decoder):
+        """GGUFError if the file holds tensors that no one took (a decoder that would ignore them)."""
+        unknown = sorted(set(self.arrays) - self.taken)
+        if unknown:
+            raise GGUFError(f"{self.path}: tensors {decoder} does not implement: {unknown[:5]}")

@@ -1,6 +1,9 @@
-"""Reference decoder for llama-architecture GGUF files, in plain torch.
+"""Reference decoder for llama- and qwen2-architecture GGUF files, in plain torch.
 
     token_embd -> n_layer x [ x += attn(rms_norm(x)); x += swiglu(rms_norm(x)) ] -> rms_norm -> output
+
+qwen2 is llama plus biases on the Q, K and V projections (added before RoPE) and NeoX-layout
+RoPE; any llama.cpp GGUF may carry those biases (attn_{q,k,v}.bias), so both load them if present.
 
 Two ways to run it, which must agree:
     model.forward(tokens, mode=...)       prefill: the whole sequence at once, no cache
@@ -14,7 +17,7 @@ Usage:
     cache.truncate(5)  # rewind to position 5, like llama_memory_seq_rm(mem, seq, 5, -1)
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
 import torch
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from .attention import (LLAMA_CPP_DEFAULT_N_BATCH, AttentionMode, chunked_attention,
                         self_extend_attention, vanilla_attention)
-from .gguf_loader import GGUFError, LlamaHParams, load_llama_gguf
+from .gguf_loader import LlamaHParams, TensorTaker, architecture, load_llama_gguf, open_gguf
 from .positions import completion_kv_shift
 from .rope import Rope
 
@@ -38,6 +41,14 @@ class LayerWeights:
     w_gate: torch.Tensor     # [n_ff, n_embd]
     w_up: torch.Tensor       # [n_ff, n_embd]
     w_down: torch.Tensor     # [n_embd, n_ff]
+    bq: Optional[torch.Tensor] = None  # [n_head * head_dim]     (qwen2; None: no bias)
+    bk: Optional[torch.Tensor] = None  # [n_head_kv * head_dim]
+    bv: Optional[torch.Tensor] = None  # [n_head_kv * head_dim]
+
+    def to(self, dtype):
+        """A copy with every tensor cast to dtype (absent biases stay None)."""
+        cast = {f.name: getattr(self, f.name) for f in fields(self)}
+        return LayerWeights(**{name: None if t is None else t.to(dtype) for name, t in cast.items()})
 
 
 class KVCache:
@@ -90,6 +101,12 @@ def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def linear(x, weight, bias=None):
+    """[n, n_in] -> [n, n_out]: x @ weight.T, plus bias [n_out] if given."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
 def swiglu(x, w: LayerWeights):
     return (F.silu(x @ w.w_gate.T) * (x @ w.w_up.T)) @ w.w_down.T
 
@@ -106,20 +123,16 @@ class ReferenceModel:
 
     @classmethod
     def from_gguf(cls, path, dtype=torch.float64):
-        """Load any llama-architecture GGUF; every quant type the gguf package knows is dequantized."""
+        """Load any llama- or qwen2-architecture GGUF; every quant type the gguf package knows is
+        dequantized."""
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if architecture(open_gguf(path)) == "gemma3":  # a Gemma3Model (a subclass) for Gemma 3
+            from .gemma3 import Gemma3Model  # imported here: gemma3.py builds on this module
+            return Gemma3Model.from_gguf(path, dtype)
         hp, arrays = load_llama_gguf(path)
-        used = set()
-
-        def take(name, shape):
-            if name not in arrays:
-                raise GGUFError(f"{path}: missing tensor {name!r}")
-            if tuple(arrays[name].shape) != shape:
-                raise GGUFError(f"{path}: tensor {name!r} has shape {tuple(arrays[name].shape)}, "
-                                f"expected {shape}")
-            used.add(name)
-            return torch.from_numpy(arrays[name]).to(dtype)
+        take = TensorTaker(arrays, path, dtype)
+        take_optional = take.optional
 
         q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         layers = [LayerWeights(
@@ -132,6 +145,9 @@ class ReferenceModel:
             w_gate=take(f"blk.{i}.ffn_gate.weight", (hp.n_ff, hp.n_embd)),
             w_up=take(f"blk.{i}.ffn_up.weight", (hp.n_ff, hp.n_embd)),
             w_down=take(f"blk.{i}.ffn_down.weight", (hp.n_embd, hp.n_ff)),
+            bq=take_optional(f"blk.{i}.attn_q.bias", (q_dim,)),
+            bk=take_optional(f"blk.{i}.attn_k.bias", (kv_dim,)),
+            bv=take_optional(f"blk.{i}.attn_v.bias", (kv_dim,)),
         ) for i in range(hp.n_layer)]
         tok_embd = take("token_embd.weight", (hp.n_vocab, hp.n_embd))
         output_norm = take("output_norm.weight", (hp.n_embd,))
@@ -139,19 +155,16 @@ class ReferenceModel:
         freq_factors = None
         if "rope_freqs.weight" in arrays:
             freq_factors = take("rope_freqs.weight", (hp.rope_dims // 2,)).to(torch.float64)
-        unknown = sorted(set(arrays) - used)
-        if unknown:
-            raise GGUFError(f"{path}: tensors the reference decoder does not implement: {unknown[:5]}")
+        take.check_all_taken("the reference decoder")
         rope = Rope(n_dims=hp.rope_dims, base=hp.rope_base, freq_scale=hp.rope_freq_scale,
-                    neox=False, freq_factors=freq_factors)  # llama architecture: LLAMA_ROPE_TYPE_NORM
+                    neox=hp.rope_neox, freq_factors=freq_factors)  # llama NORM, qwen2 NEOX
         return cls(hp, tok_embd, layers, output_norm, output, rope, dtype)
 
     def to(self, dtype):
         """A copy with the weights cast to dtype (float32 <-> float64 is exact for GGUF weights)."""
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        layers = [LayerWeights(**{name: t.to(dtype) for name, t in vars(w).items()})
-                  for w in self.layers]
+        layers = [w.to(dtype) for w in self.layers]
         tok_embd = self.tok_embd.to(dtype)
         output = tok_embd if self.output is self.tok_embd else self.output.to(dtype)
         return ReferenceModel(self.hparams, tok_embd, layers, self.output_norm.to(dtype), output,
@@ -167,9 +180,9 @@ class ReferenceModel:
         """One transformer block; attend(q, k, v) does the attention of this layer."""
         hp, n = self.hparams, x.shape[0]
         h = rms_norm(x, w.attn_norm, hp.rms_eps)                               # [n, n_embd]
-        q = (h @ w.wq.T).view(n, hp.n_head, hp.head_dim).transpose(0, 1)      # [n_head, n, d]
-        k = (h @ w.wk.T).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
-        v = (h @ w.wv.T).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
+        q = linear(h, w.wq, w.bq).view(n, hp.n_head, hp.head_dim).transpose(0, 1)      # [n_head, n, d]
+        k = linear(h, w.wk, w.bk).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
+        v = linear(h, w.wv, w.bv).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
         a = attend(q, k, v).transpose(0, 1).reshape(n, hp.n_head * hp.head_dim)
         x = x + a @ w.wo.T
         return x + swiglu(rms_norm(x, w.ffn_norm, hp.rms_eps), w)

@@ -1,0 +1,54 @@
+"""Extra builds of the pinned llama.cpp for tests: the top-level CMakeLists.txt, configured into its
+own folder under build/ (ignored by git) with other options, e.g. build/unpatched
+(SELFEXTEND_APPLY_PATCHES=OFF) or build/rpc (GGML_RPC=ON). Each build folder keeps its object files,
+so a second run only asks ninja whether anything changed (about a second); ggml's GGML_CCACHE uses
+ccache when it is installed."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
+
+
+def have_build_tools() -> bool:
+    return shutil.which("cmake") is not None and shutil.which("ninja") is not None
+
+
+def local_sdist():
+    """A local copy of the llama-cpp-python sdist, if one is around: $SELFEXTEND_LLAMA_CPP_SDIST, or
+    the one a package build downloaded into build/<wheel tag>/_deps. None: CMake downloads it (and
+    checks its hash in every case)."""
+    env = os.environ.get("SELFEXTEND_LLAMA_CPP_SDIST")
+    if env:
+        return Path(env)
+    found = sorted(ROOT.glob(f"build/*/_deps/{SDIST_NAME}"))
+    return found[0] if found else None
+
+
+def _run(command, what):
+    # paths relative to the checkout in ccache's keys: another build folder of the same source
+    # (build/<wheel tag>, build/rpc, ...) hits the cache for every file compiled alike
+    env = dict(os.environ, CCACHE_BASEDIR=os.environ.get("CCACHE_BASEDIR", str(ROOT)))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-4000:]
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {' '.join(map(str, command))}\n{tail}")
+
+
+def build_llama_cpp(build_dir: Path, options, targets) -> Path:
+    """Configure (first time only) and build `targets` in build_dir; return build_dir / "bin".
+
+    cmake --build re-runs the configure step by itself when CMakeLists.txt or patches/*.patch
+    change, so the build always matches the working tree."""
+    build_dir = Path(build_dir)
+    if not (build_dir / "build.ninja").exists():
+        configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+                     "-DCMAKE_BUILD_TYPE=Release", *options]
+        sdist = local_sdist()
+        if sdist:
+            configure.append(f"-DSELFEXTEND_LLAMA_CPP_SDIST={sdist}")
+        _run(configure, f"configuring {build_dir}")
+    _run(["cmake", "--build", str(build_dir), "--target", *targets], f"building {' '.join(targets)} in {build_dir}")
+    return build_dir / "bin"
