@@ -87,6 +87,16 @@ def test_needle_prompt_on_prose(tokenizer, haystack_file):
         prompts.passkey_prompt(tokenize, bos, LENGTH, 1.5, seed=0)
 
 
+def test_text_windows_of_one_end_share_their_last_tokens(tokenizer):
+    tokenize, bos = tokenizer
+    short, long = (prompts.text_window(tokenize, bos, TEXT, n, end=400) for n in (100, 300))
+    assert (len(short), len(long)) == (100, 300)
+    assert short[len(bos):] == long[-(100 - len(bos)):]   # perplexity scores the same tokens
+    assert long[len(bos):] == prompts.text_tokens(tokenize, [], TEXT, 400)[-(300 - len(bos)):]
+    with pytest.raises(ValueError):
+        prompts.text_window(tokenize, bos, TEXT, 500, end=400)
+
+
 def test_text_tokens_repeats_a_short_text(tokenizer):
     tokenize, bos = tokenizer
     tokens = prompts.text_tokens(tokenize, bos, TEXT, 300)

@@ -24,6 +24,7 @@ from . import names, prompts
 TASKS = ("passkey", "needle", "perplexity", "throughput")
 ANSWER_TOKENS = 10
 DECODE_TOKENS = 32    # tokens timed for decode throughput
+PPL_TEXT_END = 4       # perplexity scores the text tokens before 4 x the trained context
 FORMAT_VERSION = 1
 
 
@@ -172,8 +173,11 @@ class Measurer:
                                                                    cell.seed, self.sentences))
 
     def _perplexity(self, runner, cell):
+        # every length scores the same last tokens of the text: those before its token PPL_TEXT_END x
+        # the trained context (or the length, if longer), after as much context as the length holds
         tokenize, bos = self.tokenizer(runner)
-        tokens = prompts.text_tokens(tokenize, bos, self.sentences, cell.length - 16)
+        end = max(PPL_TEXT_END * self.n_ctx_train, cell.length)
+        tokens = prompts.text_window(tokenize, bos, self.sentences, cell.length - 16, end)
         nll = runner.nll_of_last(tokens, self.ppl_last)
         return {"n_last": len(nll), "nll": [round(float(x), 4) for x in nll],
                 "ppl": float(math.exp(float(nll.mean())))}

