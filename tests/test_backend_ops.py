@@ -3,6 +3,7 @@ CUDA, Metal and Vulkan backends already implement (docs/backends.md lists where 
 supports_op accepts them, in the pinned llama.cpp). This test records the operations of the real
 graphs, with Self-Extend off and on, and fails if the patch starts using anything else."""
 import ctypes
+import re
 
 import numpy as np
 import pytest
@@ -19,16 +20,29 @@ SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT
 SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT"}
 
 
-def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False):
-    """The ggml operation names of every node computed while evaluating n_tokens tokens."""
-    ggml_base = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
-    ggml_base.ggml_op_desc.restype = ctypes.c_char_p
-    ggml_base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+def ggml_base():
+    lib = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
+    lib.ggml_op_desc.restype = ctypes.c_char_p
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_nelements.restype = lib.ggml_nrows.restype = ctypes.c_int64
+    for function in (lib.ggml_op_desc, lib.ggml_get_name, lib.ggml_nelements, lib.ggml_nrows):
+        function.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False, widths=None):
+    """The ggml operation names of every node computed while evaluating n_tokens tokens.
+    widths, a dict, gets the first dimensions of the nodes named "<name>-<layer>", by name."""
+    ggml = ggml_base()
     seen = set()
 
     @llama_cpp.ggml_backend_sched_eval_callback
     def record(tensor, ask, user_data):
-        seen.add(ggml_base.ggml_op_desc(tensor).decode())
+        seen.add(ggml.ggml_op_desc(tensor).decode())
+        if widths is not None:
+            name = re.match(r"(.*)-\d+$", ggml.ggml_get_name(tensor).decode())  # "<name>-<layer>"
+            if name:
+                widths.setdefault(name[1], set()).add(ggml.ggml_nelements(tensor) // ggml.ggml_nrows(tensor))
         return False  # nothing to copy out
 
     llm = Llama(str(path), n_ctx=n_tokens + 8, n_batch=64, n_ubatch=64, verbose=False, type_k=type_k,
@@ -70,3 +84,18 @@ def test_self_extend_with_flash_attention_uses_flash_attention(tiny_f32_gguf):
     assert "FLASH_ATTN_EXT" in vanilla and "FLASH_ATTN_EXT" in extended
     assert {"PAD", "CONCAT"} <= extended - vanilla
     assert extended <= vanilla | SELF_EXTEND_FLASH_OPS, f"undocumented: {sorted(extended - vanilla - SELF_EXTEND_FLASH_OPS)}"
+
+
+@pytest.mark.parametrize("v_head", ["own size", "padded"])
+def test_flash_attention_keeps_v_at_its_head_size_where_the_device_takes_it(tiny_f32_gguf, v_head, monkeypatch):
+    """The CPU's flash attention takes K and V of different head sizes, so V is not padded to the
+    doubled size (half the V work); LLAMA_SELF_EXTEND_FA_PAD_V=1 forces the padded path of the
+    devices that need one size."""
+    if v_head == "padded":
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_FA_PAD_V", "1")
+    widths = {}
+    graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=True, widths=widths)
+    llm = Llama(str(tiny_f32_gguf), n_ctx=64, verbose=False)
+    n_embd_head = llama_cpp.llama_model_n_embd(llm.model) // llama_cpp.llama_model_n_head(llm.model)
+    llm.close()
+    assert widths["kqv_self_extend_flash"] == {n_embd_head if v_head == "own size" else 2 * n_embd_head}
