@@ -138,14 +138,14 @@ def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, g
         raise SetupError(str(error)) from None
     reach = settings.max_context(n_ctx_train, setting)
     if n_ctx > reach:
-        raise SetupError(_too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach))
+        raise SetupError(_too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach, sliding_window))
     return ContextPlan(n_ctx, setting, reach)
 
 
-def _too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach) -> str:
+def _too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach, sliding_window=None) -> str:
     what = (f"grp_attn_n={setting.group_size}, grp_attn_w={setting.neighbor_window}" if setting.enabled
             else "Self-Extend off (grp_attn_n=1)")
-    window = setting.neighbor_window or settings.default_window(n_ctx_train)
+    window = setting.neighbor_window or settings.default_window(n_ctx_train, sliding_window)
     fitting = settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
     fix = (f"--grp-attn-n {fitting} reaches it (or --grp-attn-n auto)" if fitting
            else "use a smaller --grp-attn-w, or fewer documents")

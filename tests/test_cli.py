@@ -75,6 +75,11 @@ def test_plan_context_sizes_and_chooses():
     with pytest.raises(SetupError, match=r"--grp-attn-n 3 reaches it"):
         plan_context(16000, 8192, grp_attn_n=2)                           # G=2 reaches 15,360
     assert max_context(8192, SelfExtend(3, 1024)) >= 16000
+    # the hint's G is for the window the model allows: at least its sliding window (W=2048 needs G=3)
+    with pytest.raises(SetupError, match=r"--grp-attn-n 2 reaches it"):
+        plan_context(15000, 8192, grp_attn_n=1)
+    with pytest.raises(SetupError, match=r"--grp-attn-n 3 reaches it"):
+        plan_context(15000, 8192, grp_attn_n=1, sliding_window=2048)
 
 
 # ----------------------------------------------------------------------------- bad input
