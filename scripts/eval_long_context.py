@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0", help="comma list of seeds (key digits, text offset)")
     parser.add_argument("--ppl-lengths", default="1x,2x,4x", help="perplexity text lengths")
     parser.add_argument("--ppl-last", type=int, default=256, help="tokens scored at the end of the text")
-    parser.add_argument("--throughput-lengths", default="1k,2k,4k,8k,16k")
+    parser.add_argument("--throughput-lengths", default="2x",
+                        help="context lengths for throughput; each gives a curve of speed against filled depth")
     parser.add_argument("--flash-attn", choices=("on", "off", "both"), default="on",
                         help="for passkey / needle / perplexity; throughput always measures both")
     parser.add_argument("--threads", type=int, default=2)

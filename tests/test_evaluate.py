@@ -266,8 +266,8 @@ def test_real_sweep_json_shape_report_and_plots(tiny_f32_gguf, haystack_file, tm
              + harness.plan(["perplexity", "throughput"], ["vanilla"], [], ppl_lengths=(64, 256),
                             throughput_lengths=(256,)))
     out = tmp_path / "run.json"
-    run = harness.sweep(cells, out, tiny_f32_gguf, n_threads=1, haystack=haystack_file, ppl_last=16,
-                        show_progress=False)
+    measurer = harness.Measurer(tiny_f32_gguf, n_threads=1, haystack=haystack_file, ppl_last=16, n_batch=64)
+    run = harness.sweep(cells, out, tiny_f32_gguf, show_progress=False, measurer=measurer)
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(run)) and saved["version"] == harness.FORMAT_VERSION
     assert saved["n_ctx_train"] == 64 and saved["runs"][0]["model"] == str(tiny_f32_gguf)
@@ -280,6 +280,11 @@ def test_real_sweep_json_shape_report_and_plots(tiny_f32_gguf, haystack_file, tm
     assert len(ppl["nll"]) == 16 and math.isclose(ppl["ppl"], math.exp(np.mean(ppl["nll"])), rel_tol=1e-3)
     speed = results["throughput|vanilla|256|0.00|0|nofa"]
     assert speed["prefill_tps"] > 0 and speed["decode_tps"] > 0 and speed["flash_attn"] is False
+    # 256-token context: 240 text tokens in batches of 64 would leave no room for 4 x 32 decoded
+    # tokens, so 112 are read: batches at depths 0 and 64 + 32, each followed by 32 decoded tokens
+    assert speed["n_prefill"] == 256 - 16 - 4 * harness.DECODE_TOKENS
+    assert [(p["depth"], p["decode_depth"]) for p in speed["curve"]] == [(0, 64), (96, 144)]
+    assert all(p["prefill_tps"] > 0 and p["decode_tps"] > 0 for p in speed["curve"])
 
     report = harness.markdown(saved)
     assert "### passkey" in report and "### needle" in report and "### perplexity" in report

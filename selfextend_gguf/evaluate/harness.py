@@ -105,13 +105,14 @@ def save_run(path: Path, run: dict) -> None:
 class Measurer:
     """Loads models on demand (one at a time) and measures cells."""
 
-    def __init__(self, model_path, n_threads=2, haystack=None, ppl_last=256):
+    def __init__(self, model_path, n_threads=2, haystack=None, ppl_last=256, n_batch=2048):
         from ..gguf_info import read_model_info
         self.model_path = Path(model_path)
         self.n_ctx_train = read_model_info(self.model_path).n_ctx_train
         self.n_threads = n_threads
         self.haystack_path = haystack
         self.ppl_last = ppl_last
+        self.n_batch = n_batch    # llama-completion's default; throughput times each batch
         self._sentences = None
         self._runner = None
         self._group = None
@@ -127,7 +128,8 @@ class Measurer:
         if self._group != cell.model_group:
             self.close()
             self._runner = methods.make(cell.method, self.model_path, cell.length,
-                                        n_threads=self.n_threads, flash_attn=cell.flash_attn)
+                                        n_threads=self.n_threads, flash_attn=cell.flash_attn,
+                                        n_batch=self.n_batch)
             self._group = cell.model_group
         return self._runner
 
@@ -183,20 +185,33 @@ class Measurer:
                 "ppl": float(math.exp(float(nll.mean())))}
 
     def _throughput(self, runner, cell):
+        """Speed against filled context, as llama-bench's pp / tg at a depth: real text is read
+        in batches of n_batch tokens, each timed (prefill tokens/s from the depth the batch starts
+        at), and after each batch DECODE_TOKENS greedy tokens are timed (decode tokens/s at that
+        depth). The decoded tokens stay in the context. Methods are configured for cell.length;
+        sink reads only what its trained-size context holds, so its curve stops there."""
         tokenize, bos = self.tokenizer(runner)
-        tokens = prompts.text_tokens(tokenize, bos, self.sentences, cell.length - DECODE_TOKENS - 16)
+        tokens = runner.prepare(prompts.text_tokens(tokenize, bos, self.sentences, cell.length - 16))
+        n_batches = -(-len(tokens) // runner.n_batch)
+        tokens = tokens[:runner.llm.n_ctx() - 16 - DECODE_TOKENS * n_batches]
         runner.forget_after(0)
         getattr(runner, "snapshots", {}).clear()   # time a full prefill, also for chunked
-        start = time.perf_counter()
-        logits = runner.prefill(tokens)
-        prefill_s = time.perf_counter() - start
-        token = int(logits.argmax())
-        start = time.perf_counter()
-        for _ in range(DECODE_TOKENS):
-            token = int(runner.decode([token], 0)[-1].argmax())
-        decode_s = time.perf_counter() - start
-        return {"n_prefill": len(runner.prepare(tokens)), "prefill_tps": len(runner.prepare(tokens)) / prefill_s,
-                "decode_tps": DECODE_TOKENS / decode_s, "n_decode": DECODE_TOKENS}
+        curve, prefill_s = [], 0.0
+        for start in range(0, len(tokens), runner.n_batch):
+            chunk = tokens[start:start + runner.n_batch]
+            depth = len(runner.cached)
+            began = time.perf_counter()
+            token = int(runner.decode(chunk, len(chunk) - 1)[-1].argmax())
+            seconds = time.perf_counter() - began
+            prefill_s += seconds
+            decode_depth = len(runner.cached)
+            began = time.perf_counter()
+            for _ in range(DECODE_TOKENS):
+                token = int(runner.decode([token], 0)[-1].argmax())
+            curve.append({"depth": depth, "prefill_tps": len(chunk) / seconds, "decode_depth": decode_depth,
+                          "decode_tps": DECODE_TOKENS / (time.perf_counter() - began)})
+        return {"n_prefill": len(tokens), "prefill_tps": len(tokens) / prefill_s,
+                "decode_tps": curve[-1]["decode_tps"], "n_decode": DECODE_TOKENS, "curve": curve}
 
 
 # ---------------------------------------------------------------------- the sweep
@@ -301,21 +316,33 @@ def perplexity_table(results) -> str:
 
 
 def throughput_table(results) -> str:
+    """Per context length: whole-prompt prefill speed and its ratio to vanilla with the same
+    kernel, then prefill / decode tokens/s at each filled depth."""
     rows, method_names, lengths = _grouped(results, "throughput")
     if not rows:
         return ""
     got = {(r["method"], r["flash_attn"], r["length"]): r for r in rows}
-    out = ["### throughput, tokens/s: prefill / decode\n",
-           "| method | flash attn | " + " | ".join(_k(n) for n in lengths) + " |",
-           "|---|---|" + "---|" * len(lengths)]
-    for name in method_names:
-        for fa in (True, False):
-            if not any((name, fa, n) in got for n in lengths):
-                continue
-            out.append(f"| {name} | {'on' if fa else 'off'} | " + " | ".join(
-                f"{got[(name, fa, n)]['prefill_tps']:.0f} / {got[(name, fa, n)]['decode_tps']:.1f}"
-                if (name, fa, n) in got else "-" for n in lengths) + " |")
-    return "\n".join(out) + "\n"
+    out = []
+    for n in lengths:
+        depths = sorted({point["depth"] for r in rows if r["length"] == n for point in r.get("curve", [])})
+        out += [f"### throughput with a {_k(n)} context, tokens/s: prefill / decode against filled depth\n",
+                "Each depth column: the prefill speed of the batch read from that depth / the decode speed "
+                "right after that batch.\n",
+                "| method | flash attn | whole prompt | vs vanilla | " + " | ".join(f"{d / 1024:.1f}k" if d else "0" for d in depths)
+                + " |", "|---|---|---|---|" + "---|" * len(depths)]
+        for name in method_names:
+            for fa in (True, False):
+                r = got.get((name, fa, n))
+                if r is None:
+                    continue
+                base = got.get(("vanilla", fa, n))
+                ratio = f"{r['prefill_tps'] / base['prefill_tps']:.2f}x" if base else "-"
+                at = {point["depth"]: point for point in r.get("curve", [])}
+                out.append(f"| {name} | {'on' if fa else 'off'} | {r['prefill_tps']:.0f} ({r['n_prefill']} tokens) | "
+                           f"{ratio} | " + " | ".join(f"{at[d]['prefill_tps']:.0f} / {at[d]['decode_tps']:.1f}"
+                                                     if d in at else "-" for d in depths) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def markdown(run: dict) -> str:

@@ -70,22 +70,30 @@ def perplexity_curves(results, path: Path) -> Path | None:
 
 
 def throughput_curves(results, path: Path) -> Path | None:
-    rows, method_names, lengths = _grouped(results, "throughput")
+    """Prefill and decode tokens/s against filled context, one line per method and kernel (the
+    longest context measured for each)."""
+    rows, method_names, _ = _grouped(results, "throughput")
+    rows = [r for r in rows if r.get("curve")]
     if not rows:
         return None
     plt = _pyplot()
+    longest = {}
+    for r in rows:
+        if r["length"] >= longest.get((r["method"], r["flash_attn"]), {"length": 0})["length"]:
+            longest[(r["method"], r["flash_attn"])] = r
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, field, label in ((axes[0], "prefill_tps", "prefill tokens/s"), (axes[1], "decode_tps", "decode tokens/s")):
+    panels = ((axes[0], "depth", "prefill_tps", "prefill tokens/s (per batch)"),
+              (axes[1], "decode_depth", "decode_tps", "decode tokens/s"))
+    for ax, x_field, y_field, label in panels:
         for i, name in enumerate(method_names):
             for fa, style in ((True, "-"), (False, "--")):
-                points = sorted((r["length"], r[field]) for r in rows if r["method"] == name and r["flash_attn"] == fa)
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", color=f"C{i}",
-                            label=f"{name} ({'FA' if fa else 'no FA'})")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [_k(n) for n in lengths])
-        ax.set_xlabel("filled context (tokens)")
+                r = longest.get((name, fa))
+                if r:
+                    ax.plot([p[x_field] / 1024 for p in r["curve"]], [p[y_field] for p in r["curve"]], style,
+                            marker="o", color=f"C{i}", label=f"{name} ({'FA' if fa else 'no FA'})")
+        ax.set_xlabel("filled context (thousands of tokens)")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
