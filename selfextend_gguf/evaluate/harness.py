@@ -6,7 +6,7 @@ cell, so a killed sweep started again with the same file skips what is done.
 
     tasks       passkey, needle   exact-match retrieval of 5 digits, greedy, ANSWER_TOKENS new tokens
                 perplexity        NLL of each of the last n_last tokens of a real text
-                throughput        prefill and decode tokens/s at a filled context length
+                throughput        prefill and decode tokens/s against filled context (one curve per length)
 """
 from __future__ import annotations
 
