@@ -16,8 +16,9 @@ llama_cpp = load_llama_cpp()
 # the operations the Self-Extend graph may add to llama.cpp's attention (see docs/backends.md)
 SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT", "VIEW", "PERMUTE",
                    "RESHAPE", "TRANSPOSE", "MUL_MAT", "SOFT_MAX"}
-# and with flash attention: K and V padded to the doubled head size, one flash attention per layer
-SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT"}
+# and with flash attention: K and V padded to the doubled head size, one flash attention per layer;
+# decode steps read the untransposed V with out_prod where the devices have it
+SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT", "OUT_PROD"}
 
 
 def ggml_base():
@@ -99,3 +100,15 @@ def test_flash_attention_keeps_v_at_its_head_size_where_the_device_takes_it(tiny
     n_embd_head = llama_cpp.llama_model_n_embd(llm.model) // llama_cpp.llama_model_n_head(llm.model)
     llm.close()
     assert widths["kqv_self_extend_flash"] == {n_embd_head if v_head == "own size" else 2 * n_embd_head}
+
+
+@pytest.mark.parametrize("v_read", ["out_prod", "transposed"])
+def test_flash_attention_decode_reads_v_with_out_prod_where_the_device_has_it(tiny_f32_gguf, v_read, monkeypatch):
+    """Single-token steps on flash attention's untransposed V cache: the CPU has out_prod, which sums
+    over the cells without a transposed copy of V; LLAMA_SELF_EXTEND_V_TRANSPOSE=1 forces the
+    transposed copy that devices without out_prod (Metal) take."""
+    if v_read == "transposed":
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_V_TRANSPOSE", "1")
+    extended = graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=True)
+    assert ("OUT_PROD" in extended) == (v_read == "out_prod")
+    assert ("TRANSPOSE" in extended) == (v_read == "transposed")

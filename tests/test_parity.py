@@ -84,16 +84,18 @@ def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_re
     assert error <= TOLERANCE, f"max |diff| {error:.2e}"
 
 
-@pytest.mark.parametrize("v_head", ["own size", "padded"])
+@pytest.mark.parametrize("device_paths", ["cpu", "fallbacks"])
 @pytest.mark.parametrize("group_size,window,n_ubatch", [(4, 16, 32), (3, 10, 64), (2, 8, 7), (8, 40, 32)])
-def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch, v_head,
-                                           monkeypatch):
+def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch,
+                                           device_paths, monkeypatch):
     """flash_attn=True: prefill ubatches go through one flash attention over the doubled head size
     (patch 0003, build_attn_flash_self_extend), the last 20 tokens are single-token decode steps.
-    V keeps its head size on the CPU; "padded" forces the path of devices that need K and V of one
-    head size (GPUs)."""
-    if v_head == "padded":
+    On the CPU, V keeps its head size in the flash attention and decode steps read it with out_prod;
+    "fallbacks" forces the paths of devices without those (V padded to the doubled head size,
+    transposed for decode steps)."""
+    if device_paths == "fallbacks":
         monkeypatch.setenv("LLAMA_SELF_EXTEND_FA_PAD_V", "1")
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_V_TRANSPOSE", "1")
     n = fitting_length(group_size, window)
     tokens = random_tokens(n, seed=group_size)
     llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=96, n_ubatch=n_ubatch, flash_attn=True)

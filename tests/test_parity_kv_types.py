@@ -19,8 +19,9 @@ cache only when the head size is a multiple of 64, and a Q8_0 block (32) does no
 attention refuses it; without, llama.cpp's own vanilla logits are off by 5.5), so Q8_0 runs only on
 the head-64 model. A quantized V cache needs flash attention (llama.cpp refuses it without, checked
 below). With flash_attn=True, prompt ubatches go through one flash attention over the doubled head
-size and single-token steps through the non-flash blocks, which transpose V (stored untransposed
-for flash attention) on the fly.
+size and single-token steps through the non-flash blocks, which read V (stored untransposed for
+flash attention) with out_prod, or transpose it on the fly on devices without out_prod (forced here
+by LLAMA_SELF_EXTEND_V_TRANSPOSE=1: the cases "flash, V transposed").
 
 Observed on the CPU (patches of commit b638675; the Q8_0 V rows with the fix in the note below),
 max |logit difference| and mean KL, Self-Extend off -> on:
@@ -59,21 +60,24 @@ ABS_FLOOR = 1e-3  # the F32 parity bar of tests/test_parity.py
 KL_FLOOR = 1e-7
 PREFILL = 100
 
-# (model, type_k, type_v, flash_attn)
+# (model, type_k, type_v, attention path)
 CASES = [
-    ("tiny", F16, F16, False),
-    ("tiny_hd64", F16, F16, False),
-    ("tiny_hd64", F16, F16, True),
-    ("tiny_hd64", Q8_0, F16, False),  # Hadamard-rotated Q8_0 K, re-rotated in place
-    ("tiny_hd64", F16, Q8_0, True),   # Hadamard-rotated Q8_0 V
-    ("tiny_hd64", Q8_0, Q8_0, True),  # both
+    ("tiny", F16, F16, "no flash"),
+    ("tiny_hd64", F16, F16, "no flash"),
+    ("tiny_hd64", F16, F16, "flash"),
+    ("tiny_hd64", F16, F16, "flash, V transposed"),
+    ("tiny_hd64", Q8_0, F16, "no flash"),            # Hadamard-rotated Q8_0 K, re-rotated in place
+    ("tiny_hd64", F16, Q8_0, "flash"),               # Hadamard-rotated Q8_0 V
+    ("tiny_hd64", F16, Q8_0, "flash, V transposed"),
+    ("tiny_hd64", Q8_0, Q8_0, "flash"),              # both
 ]
 TYPE_NAMES = {F16: "f16", Q8_0: "q8_0"}
+PATH_NAMES = {"no flash": "", "flash": "-fa", "flash, V transposed": "-fa-v_transposed"}
 
 
 def case_id(case):
-    model, type_k, type_v, flash_attn = case
-    return f"{model}-k_{TYPE_NAMES[type_k]}-v_{TYPE_NAMES[type_v]}" + ("-fa" if flash_attn else "")
+    model, type_k, type_v, path = case
+    return f"{model}-k_{TYPE_NAMES[type_k]}-v_{TYPE_NAMES[type_v]}" + PATH_NAMES[path]
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +137,12 @@ def mean_kl(expected, ours):
 
 @pytest.mark.parametrize("group_size,window", [(4, 16), (3, 10)])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_self_extend_error_is_within_the_cache_types_noise(models, case, group_size, window, tmp_path):
-    model, type_k, type_v, flash_attn = case
+def test_self_extend_error_is_within_the_cache_types_noise(models, case, group_size, window, tmp_path,
+                                                         monkeypatch):
+    model, type_k, type_v, attention = case
+    flash_attn = attention != "no flash"
+    if attention == "flash, V transposed":
+        monkeypatch.setenv("LLAMA_SELF_EXTEND_V_TRANSPOSE", "1")
     path, reference = models[model]
     n = fitting_length(group_size, window, cap=200)
     tokens = random_tokens(n, seed=11)
