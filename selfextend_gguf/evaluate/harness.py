@@ -105,14 +105,14 @@ def save_run(path: Path, run: dict) -> None:
 class Measurer:
     """Loads models on demand (one at a time) and measures cells."""
 
-    def __init__(self, model_path, n_threads=2, haystack=None, ppl_last=256, n_batch=2048):
+    def __init__(self, model_path, n_threads=2, haystack=None, ppl_last=256, n_batch=names.N_BATCH):
         from ..gguf_info import read_model_info
         self.model_path = Path(model_path)
         self.n_ctx_train = read_model_info(self.model_path).n_ctx_train
         self.n_threads = n_threads
         self.haystack_path = haystack
         self.ppl_last = ppl_last
-        self.n_batch = n_batch    # llama-completion's default; throughput times each batch
+        self.n_batch = n_batch    # throughput times each batch
         self._sentences = None
         self._runner = None
         self._group = None

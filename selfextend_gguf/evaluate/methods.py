@@ -23,10 +23,9 @@ import numpy as np
 
 from ..gguf_info import read_model_info
 from ..llama import Llama, llama_cpp
-from .names import CHUNKED_DEFAULT, parse
+from .names import CHUNKED_DEFAULT, N_BATCH, parse
 
-N_BATCH = 2048        # llama-completion's default logical batch (common.h n_batch)
-N_UBATCH = 512        # and physical batch
+N_UBATCH = 512        # llama-completion's default physical batch (n_batch: names.N_BATCH)
 N_SINK = 4            # StreamingLLM's attention sinks
 
 

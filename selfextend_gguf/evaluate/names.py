@@ -12,6 +12,7 @@ from .. import settings
 
 METHODS = ("vanilla", "sink", "linear", "yarn", "chunked", "exact")
 CHUNKED_DEFAULT = (4, 1024)   # the G, W for llama-completion
+N_BATCH = 2048                # llama-completion's default logical batch (common.h n_batch)
 
 _NAME = re.compile(r"^(?P<method>[a-z]+)(?:-(?P<auto>auto)|-g(?P<g>\d+)-w(?P<w>\d+))?$")
 

@@ -77,10 +77,7 @@ def throughput_curves(results, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
-    longest = {}
-    for r in rows:
-        if r["length"] >= longest.get((r["method"], r["flash_attn"]), {"length": 0})["length"]:
-            longest[(r["method"], r["flash_attn"])] = r
+    longest = {(r["method"], r["flash_attn"]): r for r in sorted(rows, key=lambda r: r["length"])}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = ((axes[0], "depth", "prefill_tps", "prefill tokens/s (per batch)"),
               (axes[1], "decode_depth", "decode_tps", "decode tokens/s"))
