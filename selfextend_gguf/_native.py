@@ -1,40 +1,31 @@
-"""Locate and load the Self-Extend-patched llama.cpp shared libraries.
+"""Locate and load the Self-Extend-patched llama.cpp: its shared libraries and its programs.
 
-The wheel ships libllama/libggml* (built by CMakeLists.txt from the llama.cpp
-that llama-cpp-python 0.3.36 vendors, plus ``patches/*.patch``) in
-``selfextend_gguf/lib/``. llama-cpp-python's ``llama_cpp`` module loads its
-library once, at import, from ``$LLAMA_CPP_LIB_PATH``; :func:`load_llama_cpp`
-points that variable at our folder before the import.
+The wheel installs the libraries (libllama, libggml*, built by CMakeLists.txt from the llama.cpp
+that llama-cpp-python 0.3.36 vendors, plus ``patches/*.patch``) into ``llama_cpp/lib/``: the
+folder from which llama-cpp-python's ``import llama_cpp`` loads its library. So any program in
+the environment that imports ``llama_cpp`` gets the patched library; with Self-Extend off
+(group size 1) it computes exactly what upstream computes. The programs llama-server, llama-cli
+and llama-completion are installed into ``selfextend_gguf/bin/`` (see :func:`program_path`).
 
-Rules for callers:
+``SELFEXTEND_GGUF_LIB_PATH`` overrides both folders with one (a build tree's ``bin``, which
+holds the libraries and the programs side by side), for developers testing another build. It
+works when it is set before ``llama_cpp`` is first imported: a process loads one libllama.
 
-* get ``llama_cpp`` through :func:`load_llama_cpp`, or at least call it before
-  anything imports ``llama_cpp``;
-* call :func:`require_self_extend_symbols` before using Self-Extend: it fails
-  with an ImportError when the loaded library lacks the patch's C API.
-
-``SELFEXTEND_GGUF_LIB_PATH`` overrides the folder (e.g. a build tree's
-``build/<wheel tag>/bin``), for developers testing a fresh build.
+Call :func:`require_self_extend_symbols` before using Self-Extend: it fails with an ImportError
+when the loaded library lacks the patch's C API.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Tuple
 
-__all__ = [
-    "ENV_LIB_PATH",
-    "SELF_EXTEND_SYMBOLS",
-    "lib_dir",
-    "load_llama_cpp",
-    "require_self_extend_symbols",
-    "set_self_extend",
-    "get_self_extend",
-]
+__all__ = ["ENV_LIB_PATH", "SELF_EXTEND_SYMBOLS", "PROGRAMS", "lib_dir", "load_llama_cpp",
+           "program_path", "require_self_extend_symbols"]
 
 ENV_LIB_PATH = "SELFEXTEND_GGUF_LIB_PATH"
 
@@ -43,12 +34,17 @@ ENV_LIB_PATH = "SELFEXTEND_GGUF_LIB_PATH"
 #       0: ok, -1: invalid values, -2: the model or its memory does not support it
 #   int32_t llama_get_self_extend_group_size(const struct llama_context * ctx);
 #   int32_t llama_get_self_extend_neighbor_window(const struct llama_context * ctx);
+#   int32_t llama_get_self_extend_n_ctx_max(const struct llama_context * ctx);  the reach
 _SIGNATURES = {
     "llama_set_self_extend": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
     "llama_get_self_extend_group_size": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_get_self_extend_neighbor_window": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_get_self_extend_n_ctx_max": ([ctypes.c_void_p], ctypes.c_int32),
 }
 SELF_EXTEND_SYMBOLS = tuple(_SIGNATURES)
+
+# llama.cpp's own programs, built from the same patched source (CMake option SELFEXTEND_BUILD_TOOLS)
+PROGRAMS = ("llama-server", "llama-cli", "llama-completion")
 
 _REINSTALL_HINT = (
     'reinstall with: CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install .'
@@ -64,58 +60,56 @@ def _libllama_name() -> str:
     return "libllama.so"
 
 
-def _candidate_dirs() -> list[Path]:
-    """Where to look, in order (the first folder holding libllama wins)."""
+def lib_dir() -> Path:
+    """The folder holding the patched libllama (and libggml*): $SELFEXTEND_GGUF_LIB_PATH, else the
+    installed llama_cpp package's ``lib``. Raises FileNotFoundError when it has no libllama."""
     override = os.environ.get(ENV_LIB_PATH)
     if override:
-        return [Path(override).expanduser().resolve()]
-    here = Path(__file__).resolve().parent
-    dirs = [here / "lib"]  # a regular (wheel) install
-    # Editable installs: the package's __path__ spans the source tree and the
-    # site-packages folder that received the CMake-installed libraries.
-    pkg = sys.modules.get(__package__ or "selfextend_gguf")
-    for entry in getattr(pkg, "__path__", None) or []:
-        dirs.append(Path(entry).resolve() / "lib")
-    # Imported from a source checkout (e.g. tests putting the repo first on
-    # sys.path) while the package is installed: the installed libraries.
+        folder = Path(override).expanduser().resolve()
+        where = f"{ENV_LIB_PATH}={override}"
+    else:
+        spec = importlib.util.find_spec("llama_cpp")  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"llama-cpp-python (the llama_cpp package) is not installed; {_REINSTALL_HINT}")
+        folder = Path(list(spec.submodule_search_locations)[0]).resolve() / "lib"
+        where = "the llama_cpp package"
+    if not (folder / _libllama_name()).is_file():
+        raise FileNotFoundError(f"no {_libllama_name()} in {folder} ({where}); {_REINSTALL_HINT}, or set "
+                                f"{ENV_LIB_PATH} to a build tree's bin folder")
+    return folder
+
+
+def program_path(name: str) -> Path:
+    """The path of one of llama.cpp's programs (PROGRAMS) built from the patched source."""
+    if name not in PROGRAMS:
+        raise ValueError(f"unknown program {name!r}; the package ships {', '.join(PROGRAMS)}")
+    override = os.environ.get(ENV_LIB_PATH)
+    if override:
+        folders = [Path(override).expanduser().resolve()]
+    else:
+        folders = _installed_program_dirs()
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name} is not installed (looked in {', '.join(map(str, folders))}): it is built "
+                            f"unless CMAKE_ARGS has -DSELFEXTEND_BUILD_TOOLS=OFF; {_REINSTALL_HINT}")
+
+
+def _installed_program_dirs() -> list[Path]:
+    """selfextend_gguf/bin: next to this module (a wheel install; an editable install's __path__ spans
+    the checkout and site-packages), and where the installed distribution put it (this module
+    imported from a source checkout, e.g. by the tests, while the package is installed)."""
+    package = sys.modules[__package__ or "selfextend_gguf"]
+    folders = [Path(entry).resolve() / "bin" for entry in package.__path__]
     try:
         from importlib.metadata import PackageNotFoundError, distribution
 
-        dist = distribution("selfextend-gguf")
-        for f in dist.files or []:
-            if f.name == _libllama_name() and f.parent.name == "lib":
-                dirs.append(Path(str(dist.locate_file(f))).resolve().parent)
+        for file in distribution("selfextend-gguf").files or []:
+            if file.name in PROGRAMS and file.parent.as_posix() == "selfextend_gguf/bin":  # not the console scripts
+                folders.append(Path(str(file.locate())).resolve().parent)
     except (ImportError, PackageNotFoundError):
         pass
-    # Not installed at all: a build tree of this checkout (build/<wheel tag>/bin).
-    # (build/unpatched is the tests' plain llama.cpp, never a candidate)
-    dirs.extend(d for d in sorted((here.parent / "build").glob("*/bin")) if d.parent.name != "unpatched")
-    unique: list[Path] = []
-    for d in dirs:
-        if d not in unique:
-            unique.append(d)
-    return unique
-
-
-def lib_dir() -> Path:
-    """Return the folder holding the patched libllama (and libggml*).
-
-    Raises FileNotFoundError when no candidate folder has the library.
-    """
-    dirs = _candidate_dirs()
-    for d in dirs:
-        if (d / _libllama_name()).is_file():
-            return d
-    where = ", ".join(str(d) for d in dirs)
-    if os.environ.get(ENV_LIB_PATH):
-        raise FileNotFoundError(
-            f"{ENV_LIB_PATH}={os.environ[ENV_LIB_PATH]}: no {_libllama_name()} in {where}"
-        )
-    raise FileNotFoundError(
-        f"The patched llama.cpp library ({_libllama_name()}) is not installed"
-        f" (looked in {where}); {_REINSTALL_HINT}, or set {ENV_LIB_PATH} to a"
-        " folder that has it (e.g. build/<wheel tag>/bin of a build tree)."
-    )
+    return list(dict.fromkeys(folders))
 
 
 def _same_file(a: str, b: Path) -> bool:
@@ -128,40 +122,29 @@ def _same_file(a: str, b: Path) -> bool:
 def load_llama_cpp() -> ModuleType:
     """Import ``llama_cpp`` bound to the patched library and return the module.
 
-    Raises ImportError when the library is missing, fails to load, or when
-    ``llama_cpp`` was already imported with a different library.
+    Raises ImportError when the library is missing, fails to load, or when ``llama_cpp`` was
+    already imported with a different library.
     """
     try:
-        d = lib_dir()
+        folder = lib_dir()
     except FileNotFoundError as e:
         raise ImportError(str(e)) from e
-    expected = d / _libllama_name()
+    expected = folder / _libllama_name()
 
     already = "llama_cpp.llama_cpp" in sys.modules
-    if not already:
-        os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
+    if not already and os.environ.get(ENV_LIB_PATH):
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(folder)
     try:
         import llama_cpp
         import llama_cpp.llama_cpp as bindings
     except (OSError, RuntimeError) as e:  # the library failed to load
-        raise ImportError(
-            f"llama_cpp could not load {expected}: {e}. {_REINSTALL_HINT}"
-        ) from e
+        raise ImportError(f"llama_cpp could not load {expected}: {e}. {_REINSTALL_HINT}") from e
 
     loaded = getattr(getattr(bindings, "_lib", None), "_name", None) or "?"
     if not _same_file(loaded, expected):
-        how = (
-            "llama_cpp was imported before selfextend_gguf could point it at the"
-            " patched library"
-            if already
-            else "llama_cpp did not load the library from LLAMA_CPP_LIB_PATH"
-        )
         raise ImportError(
-            f"{how}: it uses {loaded}, not {expected}. A process can load only one"
-            " libllama: import selfextend_gguf (or call"
-            " selfextend_gguf._native.load_llama_cpp()) before anything imports"
-            " llama_cpp, and don't set LLAMA_CPP_LIB_PATH yourself (use"
-            f" {ENV_LIB_PATH} to pick another build)."
+            f"llama_cpp uses {loaded}, not the patched {expected}. A process loads one libllama: unset "
+            f"LLAMA_CPP_LIB_PATH (use {ENV_LIB_PATH} to pick another build, before anything imports llama_cpp)."
         )
     _register_signatures(bindings._lib)
     return llama_cpp
@@ -179,8 +162,8 @@ def _register_signatures(lib: ctypes.CDLL) -> None:
 def require_self_extend_symbols() -> ctypes.CDLL:
     """Load llama_cpp (if needed) and check the Self-Extend C API is there.
 
-    Returns the loaded library (``llama_cpp.llama_cpp._lib``) with the
-    functions' signatures declared. Raises ImportError otherwise.
+    Returns the loaded library (``llama_cpp.llama_cpp._lib``) with the functions' signatures
+    declared. Raises ImportError otherwise.
     """
     llama_cpp = load_llama_cpp()
     lib = llama_cpp.llama_cpp._lib
@@ -192,46 +175,3 @@ def require_self_extend_symbols() -> ctypes.CDLL:
             f" checkout; {_REINSTALL_HINT}."
         )
     return lib
-
-
-def _ctx_pointer(ctx: Any) -> int:
-    """A ``llama_context *`` from a Llama, a LlamaContext, or a raw pointer."""
-    obj = ctx
-    if hasattr(obj, "_ctx"):  # llama_cpp.Llama
-        obj = obj._ctx
-    if hasattr(obj, "ctx"):  # llama_cpp._internals.LlamaContext
-        obj = obj.ctx
-    if isinstance(obj, ctypes.c_void_p):
-        obj = obj.value
-    if not obj:
-        raise ValueError(f"no llama_context pointer in {ctx!r} (closed or NULL?)")
-    return int(obj)
-
-
-def set_self_extend(ctx: Any, group_size: int, neighbor_window: int) -> None:
-    """Call ``llama_set_self_extend(ctx, group_size, neighbor_window)``.
-
-    ``ctx``: a ``llama_cpp.Llama``, its ``_ctx`` (LlamaContext) or a raw
-    ``llama_context *``. group_size 1 turns Self-Extend off. Raises ValueError
-    when the library rejects the values (-1), RuntimeError when the model or
-    its memory does not support Self-Extend (-2).
-    """
-    lib = require_self_extend_symbols()
-    g, w = int(group_size), int(neighbor_window)
-    rc = lib.llama_set_self_extend(_ctx_pointer(ctx), g, w)
-    if rc == -1:
-        raise ValueError(f"invalid Self-Extend settings: group_size={g}, neighbor_window={w}")
-    if rc == -2:
-        raise RuntimeError("this model or its memory (KV cache) does not support Self-Extend")
-    if rc != 0:
-        raise RuntimeError(f"llama_set_self_extend returned {rc}")
-
-
-def get_self_extend(ctx: Any) -> Tuple[int, int]:
-    """Return ``(group_size, neighbor_window)`` as the context reports them."""
-    lib = require_self_extend_symbols()
-    p = _ctx_pointer(ctx)
-    return (
-        int(lib.llama_get_self_extend_group_size(p)),
-        int(lib.llama_get_self_extend_neighbor_window(p)),
-    )

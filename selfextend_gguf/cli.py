@@ -26,7 +26,7 @@ from . import settings
 from .documents import load_documents, read_text_file
 from .gguf_info import read_model_info
 from .models import ModelNotInstalledError, default_model_path
-from .server_settings import add_serve_arguments, group_size_arg, positive_int_arg
+from .serve import add_serve_arguments, group_size_arg, positive_int_arg
 
 PROG = "selfextend-gguf"
 RUN_TOKENS = 256       # -n default for run
@@ -89,15 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "--ctx (or how far several group sizes reach), without loading it.")
     info.set_defaults(handler=info_command)
 
-    serve = commands.add_parser("serve", help="OpenAI-compatible server with Self-Extend",
-                                description="llama-cpp-python's OpenAI-compatible server running selfextend_gguf.Llama.")
+    serve = commands.add_parser("serve", help="llama.cpp's llama-server with exact Self-Extend in every slot",
+                                description="Run llama-server (built from the patched llama.cpp) with G and W "
+                                "chosen for the context of each slot. Anything after -- goes to llama-server.")
     add_serve_arguments(serve)
     serve.set_defaults(handler=serve_command)
     return parser
 
 
 def serve_command(args) -> int:
-    from .server import serve  # loads FastAPI and llama.cpp: only for this command
+    from .serve import serve
     return serve(args)
 
 

@@ -12,32 +12,11 @@ import logging
 
 from . import settings
 from ._native import load_llama_cpp, require_self_extend_symbols
-from .gguf_info import ModelInfo, read_model_info
+from .gguf_info import read_model_info
 
 llama_cpp = load_llama_cpp()
 
 logger = logging.getLogger("selfextend_gguf")
-
-
-def resolve_self_extend(grp_attn_n, grp_attn_w, n_ctx: int, info: ModelInfo) -> settings.SelfExtend:
-    """Turn the user's grp_attn_n / grp_attn_w into checked settings (ValueError if invalid)."""
-    if grp_attn_n == "auto":
-        chosen = settings.choose(n_ctx, info.n_ctx_train, info.sliding_window)
-        if grp_attn_w is not None and chosen.enabled:
-            chosen = settings.SelfExtend(chosen.group_size, grp_attn_w)
-        setting = chosen
-    else:
-        if grp_attn_w is None and isinstance(grp_attn_n, int) and grp_attn_n > 1:
-            grp_attn_w = settings.default_window(info.n_ctx_train, info.sliding_window)
-        setting = settings.SelfExtend(grp_attn_n, grp_attn_w if grp_attn_w is not None else 0)
-    settings.validate(setting, n_ctx, info.n_ctx_train, info.sliding_window)
-    if setting.enabled:
-        if not info.has_rope:
-            raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
-        if info.rope_scaling_type == "yarn":
-            raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
-                             "compose with; run it without grp_attn_n or pick a model without YaRN")
-    return setting
 
 
 class Llama(llama_cpp.Llama):
@@ -55,7 +34,7 @@ class Llama(llama_cpp.Llama):
                  **kwargs):
         info = read_model_info(model_path)
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
-        setting = resolve_self_extend(grp_attn_n, grp_attn_w, n_ctx, info)
+        setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, info)
         self._lib = require_self_extend_symbols()
         self.model_info = info
         self.self_extend = settings.SelfExtend()

@@ -95,3 +95,26 @@ def choose(n_ctx: int, n_ctx_train: int, sliding_window: int | None = None) -> S
     if group_size is None:
         raise ValueError(f"no group size lets n_ctx={n_ctx} fit a model trained on {n_ctx_train} tokens")
     return SelfExtend(group_size, window)
+
+
+def resolve(grp_attn_n, grp_attn_w, n_ctx: int, info) -> SelfExtend:
+    """Turn the user's grp_attn_n (an int or "auto") and grp_attn_w (an int or None) into checked
+    settings for a context of n_ctx tokens per sequence of the model described by `info` (a
+    gguf_info.ModelInfo). Raises ValueError naming the problem and the fix."""
+    if grp_attn_n == "auto":
+        chosen = choose(n_ctx, info.n_ctx_train, info.sliding_window)
+        if grp_attn_w is not None and chosen.enabled:
+            chosen = SelfExtend(chosen.group_size, grp_attn_w)
+        setting = chosen
+    else:
+        if grp_attn_w is None and isinstance(grp_attn_n, int) and grp_attn_n > 1:
+            grp_attn_w = default_window(info.n_ctx_train, info.sliding_window)
+        setting = SelfExtend(grp_attn_n, grp_attn_w if grp_attn_w is not None else 0)
+    validate(setting, n_ctx, info.n_ctx_train, info.sliding_window)
+    if setting.enabled:
+        if not info.has_rope:
+            raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
+        if info.rope_scaling_type == "yarn":
+            raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
+                             "compose with; run it without grp_attn_n or pick a model without YaRN")
+    return setting
