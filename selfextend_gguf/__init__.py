@@ -1,7 +1,7 @@
 """selfextend-gguf: exact Self-Extend (LongLM, arXiv 2401.01325) for GGUF models on llama.cpp."""
-from .settings import SelfExtend, choose, max_context
+from .settings import SelfExtend, max_context, resolve
 
-__all__ = ["Llama", "SelfExtend", "choose", "max_context"]
+__all__ = ["Llama", "SelfExtend", "max_context", "resolve"]
 __version__ = "0.1.0"
 
 

@@ -123,30 +123,22 @@ def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, g
         raise SetupError(f"the documents and prompt take {n_documents:,} tokens: --ctx {n_ctx:,} leaves no "
                          f"room to answer; use --ctx {n_documents + CHAT_ROOM:,} or leave --ctx out")
     n_ctx = n_ctx or n_needed
-    window = grp_attn_w if grp_attn_w is not None else settings.default_window(n_ctx_train, sliding_window)
-    if grp_attn_n != "auto":
-        setting = settings.SelfExtend(grp_attn_n, window if grp_attn_n > 1 else 0)
-    elif n_ctx <= n_ctx_train:
-        setting = settings.SelfExtend()  # the trained context holds it: Self-Extend off
-    else:  # settings.choose's rule, for this window
-        group_size = (settings.smallest_group_size(n_ctx, n_ctx_train, window, settings.AUTO_TARGET_FRACTION)
-                      or settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0))
-        setting = settings.SelfExtend(group_size or 2, window)  # none fits: the checks below say why
     try:
-        settings.validate(setting, 1, n_ctx_train, sliding_window)  # G and W themselves; how far they reach is next
+        setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, n_ctx_train, sliding_window, names=settings.CLI,
+                                   strict=True)
+    except settings.BeyondReach as beyond:  # said in terms of the documents
+        raise SetupError(_too_long_message(n_documents, n_ctx_train, beyond, sliding_window)) from None
     except ValueError as error:
         raise SetupError(str(error)) from None
-    reach = settings.max_context(n_ctx_train, setting)
-    if n_ctx > reach:
-        raise SetupError(_too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach, sliding_window))
-    return ContextPlan(n_ctx, setting, reach)
+    return ContextPlan(n_ctx, setting, settings.max_context(n_ctx_train, setting))
 
 
-def _too_long_message(n_ctx, n_documents, n_ctx_train, setting, reach, sliding_window=None) -> str:
-    what = (f"grp_attn_n={setting.group_size}, grp_attn_w={setting.neighbor_window}" if setting.enabled
-            else "Self-Extend off (grp_attn_n=1)")
+def _too_long_message(n_documents, n_ctx_train, beyond: settings.BeyondReach, sliding_window=None) -> str:
+    n_ctx, reach, setting = beyond.n_ctx, beyond.reach, beyond.setting
+    what = (f"--grp-attn-n {setting.group_size} --grp-attn-w {setting.neighbor_window}" if setting.enabled
+            else "Self-Extend off (--grp-attn-n 1)")
     window = setting.neighbor_window or settings.default_window(n_ctx_train, sliding_window)
-    fitting = settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
+    fitting = beyond.fitting or settings.smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
     fix = (f"--grp-attn-n {fitting} reaches it (or --grp-attn-n auto)" if fitting
            else "use a smaller --grp-attn-w, or fewer documents")
     return (f"the documents and prompt take {n_documents:,} tokens, a context of {n_ctx:,} with room to answer: "

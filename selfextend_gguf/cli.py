@@ -382,13 +382,8 @@ def info_command(args) -> int:
         stdout.print(reach)
         return 0
     n_ctx = args.ctx or info.n_ctx_train
-    if args.grp_attn_n == "auto":
-        setting = settings.choose(n_ctx, info.n_ctx_train, info.sliding_window)
-        if setting.enabled and args.grp_attn_w:
-            setting = settings.SelfExtend(setting.group_size, args.grp_attn_w)
-    else:
-        setting = settings.SelfExtend(args.grp_attn_n, window if args.grp_attn_n > 1 else 0)
-    settings.validate(setting, n_ctx, info.n_ctx_train, info.sliding_window)
+    setting = settings.resolve(args.grp_attn_n, args.grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window,
+                               names=settings.CLI, strict=True)
     reach = settings.max_context(info.n_ctx_train, setting)
     if setting.enabled:
         stdout.print(f"Self-Extend for --ctx {n_ctx:,}: --grp-attn-n {setting.group_size} --grp-attn-w "

@@ -34,7 +34,8 @@ class Llama(llama_cpp.Llama):
                  **kwargs):
         info = read_model_info(model_path)
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
-        setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, info)
+        setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window)
+        settings.check_model(setting, info)
         self._lib = require_self_extend_symbols()
         self.model_info = info
         self.self_extend = settings.SelfExtend()

@@ -3,7 +3,8 @@
 A query at position q and a key at position k use their normal positions when q - k < W, and
 the grouped positions q // G + W - W // G and k // G otherwise (LongLM, arXiv 2401.01325).
 The largest position a model then sees is (n - 1) // G + W - W // G, which must stay inside the
-trained context L. Pure Python: the CLI and the server size contexts with it before loading a model.
+trained context L. Pure Python: the API, the CLI and the server decide G and W here (resolve),
+before loading a model.
 """
 from __future__ import annotations
 
@@ -24,14 +25,6 @@ class SelfExtend:
         return self.group_size > 1
 
 
-def largest_position(n_ctx: int, setting: SelfExtend) -> int:
-    """The largest RoPE position a context of n_ctx tokens reaches with these settings."""
-    if not setting.enabled:
-        return n_ctx - 1
-    group_size, window = setting.group_size, setting.neighbor_window
-    return (n_ctx - 1) // group_size + window - window // group_size
-
-
 def max_context(n_ctx_train: int, setting: SelfExtend) -> int:
     """The longest context whose positions all stay inside the trained context."""
     if not setting.enabled:
@@ -40,32 +33,102 @@ def max_context(n_ctx_train: int, setting: SelfExtend) -> int:
     return (n_ctx_train - window + window // group_size) * group_size
 
 
-def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int, sliding_window: int | None = None) -> None:
-    """Raise ValueError naming the problem and the fix.
+@dataclass(frozen=True)
+class Spelling:
+    """How the caller names the settings in error messages: the API's arguments or the CLI's flags."""
+    group_size: str = "grp_attn_n"
+    window: str = "grp_attn_w"
+    n_ctx: str = "n_ctx"
+    sep: str = "="      # "grp_attn_n=4"; the CLI's "--grp-attn-n 4"
+
+    def __call__(self, name: str, value) -> str:
+        return f"{getattr(self, name)}{self.sep}{value}"
+
+
+API = Spelling()
+CLI = Spelling("--grp-attn-n", "--grp-attn-w", "--ctx", " ")
+
+
+class BeyondReach(ValueError):
+    """n_ctx is longer than what the settings reach; `fitting` is the smallest G that would, or None."""
+
+    def __init__(self, message: str, n_ctx: int, reach: int, setting: SelfExtend, fitting: int | None):
+        super().__init__(message)
+        self.n_ctx, self.reach, self.setting, self.fitting = n_ctx, reach, setting, fitting
+
+
+def resolve(grp_attn_n, grp_attn_w, n_ctx: int, n_ctx_train: int, sliding_window: int | None = None,
+            names: Spelling = API, strict: bool = False) -> SelfExtend:
+    """The one place G and W are decided: the user's grp_attn_n (an int, or "auto") and grp_attn_w (an
+    int, or None for the default) for a context of n_ctx tokens per sequence, checked. Raises
+    ValueError (BeyondReach when n_ctx is past the reach) naming the problem and the fix, with the
+    caller's names for the settings.
+
+    "auto": off inside the trained context; else W = grp_attn_w or default_window(), and the smallest G
+    that keeps W + (n_ctx - W) / G within 2/3 of the trained context, or failing that, within it.
+    strict: Self-Extend off past the trained context is an error too (the CLI's choice; the API
+    allows it, for measuring plain RoPE there, and warns)."""
+    window = grp_attn_w if grp_attn_w is not None else default_window(n_ctx_train, sliding_window)
+    if grp_attn_n != "auto":
+        setting = SelfExtend(grp_attn_n, window if _is_int(grp_attn_n) and grp_attn_n > 1 else 0)
+    elif n_ctx <= n_ctx_train:
+        setting = SelfExtend()
+    else:
+        group_size = (smallest_group_size(n_ctx, n_ctx_train, window, AUTO_TARGET_FRACTION)
+                      or smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0))
+        setting = SelfExtend(group_size or 2, window)  # none reaches n_ctx: validate says so
+    validate(setting, n_ctx, n_ctx_train, sliding_window, names, strict)
+    return setting
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int, sliding_window: int | None = None,
+             names: Spelling = API, strict: bool = False) -> None:
+    """Raise ValueError naming the problem and the fix (BeyondReach when n_ctx is past the reach).
 
     A model with sliding-window layers (Gemma 3) gets Self-Extend on its global layers only: a
     sliding-window layer sees keys less than n_swa tokens back, which Self-Extend leaves at their
     normal positions anyway when W >= n_swa. So W must be at least the sliding window."""
     group_size, window = setting.group_size, setting.neighbor_window
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"grp_attn_n must be an integer >= 1 or 'auto', got {group_size!r}")
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"{names.group_size} must be an integer >= 1 or 'auto', got {group_size!r}")
     if not setting.enabled:
+        if strict and n_ctx > n_ctx_train:
+            fitting = smallest_group_size(n_ctx, n_ctx_train, default_window(n_ctx_train, sliding_window), 1.0)
+            raise BeyondReach(f"{names('n_ctx', n_ctx)} is longer than the model's trained context ({n_ctx_train} "
+                              f"tokens) and Self-Extend is off; use {names.group_size} >= {fitting} or 'auto'",
+                              n_ctx, n_ctx_train, setting, fitting)
         return
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"grp_attn_w (the neighbor window) must be an integer >= 1, got {window!r}")
+    if not _is_int(window) or window < 1:
+        raise ValueError(f"{names.window} (the neighbor window) must be an integer >= 1, got {window!r}")
     if sliding_window and window < sliding_window:
-        raise ValueError(f"grp_attn_w={window} is smaller than the model's sliding window ({sliding_window} "
+        raise ValueError(f"{names('window', window)} is smaller than the model's sliding window ({sliding_window} "
                          f"tokens): its sliding-window layers are left as they are, which is exact only when "
-                         f"every key they see is inside the neighbor window; use grp_attn_w >= {sliding_window}")
+                         f"every key they see is inside the neighbor window; use {names.window} >= {sliding_window}")
     if window >= n_ctx_train:
-        raise ValueError(f"grp_attn_w={window} must be smaller than the model's trained context "
-                         f"({n_ctx_train} tokens); try grp_attn_w={max(1, n_ctx_train // 8)}")
+        raise ValueError(f"{names('window', window)} must be smaller than the model's trained context "
+                         f"({n_ctx_train} tokens); try {names('window', max(1, n_ctx_train // 8))}")
     reach = max_context(n_ctx_train, setting)
     if n_ctx > reach:
-        needed = smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
-        hint = f"grp_attn_n >= {needed}" if needed else "a smaller grp_attn_w"
-        raise ValueError(f"n_ctx={n_ctx} is beyond what grp_attn_n={group_size}, grp_attn_w={window} reach "
-                         f"({reach} tokens for a model trained on {n_ctx_train}); use {hint} or 'auto'")
+        fitting = smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
+        hint = f"{names.group_size} >= {fitting}" if fitting else f"a smaller {names.window}"
+        raise BeyondReach(f"{names('n_ctx', n_ctx)} is beyond what {names('group_size', group_size)}, "
+                          f"{names('window', window)} reach ({reach} tokens for a model trained on {n_ctx_train}); "
+                          f"use {hint} or 'auto'", n_ctx, reach, setting, fitting)
+
+
+def check_model(setting: SelfExtend, info) -> None:
+    """Raise ValueError if the model (a gguf_info.ModelInfo) cannot run these settings."""
+    if not setting.enabled:
+        return
+    if not info.has_rope:
+        raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
+    if info.rope_scaling_type == "yarn":
+        raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
+                         "compose with; run it without Self-Extend or pick a model without YaRN")
 
 
 def smallest_group_size(n_ctx: int, n_ctx_train: int, window: int, fraction: float) -> int | None:
@@ -83,38 +146,3 @@ def smallest_group_size(n_ctx: int, n_ctx_train: int, window: int, fraction: flo
 def default_window(n_ctx_train: int, sliding_window: int | None = None) -> int:
     """W = min(1024, L/8), and at least the sliding window of a model that has one (see validate)."""
     return max(1, min(AUTO_MAX_WINDOW, n_ctx_train // 8), sliding_window or 0)
-
-
-def choose(n_ctx: int, n_ctx_train: int, sliding_window: int | None = None) -> SelfExtend:
-    """grp_attn_n='auto': off inside the trained context, else W = default_window() and the smallest G
-    that keeps W + (n_ctx - W)/G within 2/3 of the trained context L."""
-    if n_ctx <= n_ctx_train:
-        return SelfExtend()
-    window = default_window(n_ctx_train, sliding_window)
-    group_size = smallest_group_size(n_ctx, n_ctx_train, window, AUTO_TARGET_FRACTION)
-    if group_size is None:
-        raise ValueError(f"no group size lets n_ctx={n_ctx} fit a model trained on {n_ctx_train} tokens")
-    return SelfExtend(group_size, window)
-
-
-def resolve(grp_attn_n, grp_attn_w, n_ctx: int, info) -> SelfExtend:
-    """Turn the user's grp_attn_n (an int or "auto") and grp_attn_w (an int or None) into checked
-    settings for a context of n_ctx tokens per sequence of the model described by `info` (a
-    gguf_info.ModelInfo). Raises ValueError naming the problem and the fix."""
-    if grp_attn_n == "auto":
-        chosen = choose(n_ctx, info.n_ctx_train, info.sliding_window)
-        if grp_attn_w is not None and chosen.enabled:
-            chosen = SelfExtend(chosen.group_size, grp_attn_w)
-        setting = chosen
-    else:
-        if grp_attn_w is None and isinstance(grp_attn_n, int) and grp_attn_n > 1:
-            grp_attn_w = default_window(info.n_ctx_train, info.sliding_window)
-        setting = SelfExtend(grp_attn_n, grp_attn_w if grp_attn_w is not None else 0)
-    validate(setting, n_ctx, info.n_ctx_train, info.sliding_window)
-    if setting.enabled:
-        if not info.has_rope:
-            raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
-        if info.rope_scaling_type == "yarn":
-            raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
-                             "compose with; run it without grp_attn_n or pick a model without YaRN")
-    return setting

@@ -112,11 +112,11 @@ BAD_INPUTS = {
     "G not a number": (["--grp-attn-n", "many"], 2, "--grp-attn-n: must be an integer >= 1 or 'auto'"),
     "G zero": (["--grp-attn-n", "0"], 2, "--grp-attn-n: must be an integer >= 1 or 'auto'"),
     "W zero": (["--grp-attn-w", "0"], 2, "--grp-attn-w: must be an integer >= 1"),
-    "W past the trained context": (["--grp-attn-w", "64"], 2, "grp_attn_w=64 must be smaller than the model's "
+    "W past the trained context": (["--grp-attn-w", "64"], 2, "--grp-attn-w 64 must be smaller than the model's "
                                    "trained context (64 tokens)"),
     # (64 - 8 + 4) * 2 = 120 tokens reached; the document needs about 400
     "document beyond G's reach": (["--grp-attn-n", "2", "--grp-attn-w", "8"], 2,
-                                  r"more than grp_attn_n=2, grp_attn_w=8 reach with a model trained on 64 tokens "
+                                  r"more than --grp-attn-n 2 --grp-attn-w 8 reach with a model trained on 64 tokens "
                                   r"\(120\); --grp-attn-n \d+ reaches it"),
     "Self-Extend off, document too long": (["--grp-attn-n", "1"], 2, "more than Self-Extend off"),
     "ctx smaller than the document": (["--ctx", "100"], 2, "leaves no room to answer"),
@@ -153,7 +153,7 @@ def test_info_without_loading_the_model(tiny_f32_gguf):
     assert re.search(r"quantization\s+F32", result.stdout)
     assert re.search(r"--ctx 1,000: --grp-attn-n \d+ --grp-attn-w 8, reaching [\d,]+ tokens", result.stdout)
     bad = selfextend_gguf("info", "--model", tiny_f32_gguf, "--ctx", 1000, "--grp-attn-n", 2)
-    assert bad.returncode == 2 and "beyond what grp_attn_n=2" in bad.stderr
+    assert bad.returncode == 2 and "beyond what --grp-attn-n 2, --grp-attn-w 8 reach" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- chat

@@ -123,7 +123,7 @@ def test_auto_picks_a_window_of_at_least_the_sliding_window(tiny_gemma3_gguf, re
                 n_threads=2, n_threads_batch=2, verbose=False)
     group_size, window = llm.grp_attn_n, llm.grp_attn_w
     assert window == N_SWA and group_size > 1
-    assert (group_size, window) == (settings.choose(n, 64, N_SWA).group_size, N_SWA)
+    assert (group_size, window) == (settings.resolve("auto", None, n, 64, N_SWA).group_size, N_SWA)
     tokens = random_tokens(n, seed=11)
     llm.eval(tokens)
     assert max_error(llm, reference, tokens, group_size, window) <= TOLERANCE

@@ -152,7 +152,9 @@ class Measurer:
         except ValueError as e:
             result = {"error": str(e)}
         else:
-            result = getattr(self, f"_{cell.task}")(runner, cell)
+            tasks = {"passkey": self._passkey, "needle": self._needle, "perplexity": self._perplexity,
+                     "throughput": self._throughput}
+            result = tasks[cell.task](runner, cell)
         result.update(asdict(cell), setting=names.describe(cell.method, cell.length, self.n_ctx_train),
                       seconds=round(time.perf_counter() - started, 2))
         return result

@@ -273,10 +273,14 @@ def exact(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH,
     return Runner(name, llm, n_batch)
 
 
+# names.METHODS -> the function that sets it up
+BUILDERS = {"vanilla": vanilla, "sink": sink, "linear": linear, "yarn": yarn, "chunked": chunked, "exact": exact}
+
+
 def make(name: str, model_path, length: int, n_threads: int = 2, flash_attn: bool = True,
          n_batch: int = N_BATCH) -> Runner:
     method, options = parse(name)
-    runner = globals()[method](model_path, length, n_threads=n_threads, flash_attn=flash_attn,
-                               n_batch=n_batch, **options)
+    runner = BUILDERS[method](model_path, length, n_threads=n_threads, flash_attn=flash_attn,
+                              n_batch=n_batch, **options)
     runner.name = name
     return runner

@@ -37,7 +37,7 @@ def describe(name: str, length: int, n_ctx_train: int) -> str:
     """A short human note of what the method does at this length (for tables)."""
     method, options = parse(name)
     if method == "exact" and not options:
-        chosen = settings.choose(length, n_ctx_train)
+        chosen = settings.resolve("auto", None, length, n_ctx_train)
         return f"G={chosen.group_size} W={chosen.neighbor_window}" if chosen.enabled else "off"
     if method == "chunked" and not options:
         options = dict(zip(("group_size", "window"), CHUNKED_DEFAULT))
