@@ -12,13 +12,12 @@ llama-cpp-python's prefix reuse (Llama.generate) evaluates only what is new.
 """
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import settings
+from . import settings, state_file
 from .documents import Document, documents_text
 from .gguf_info import read_model_info
 from .llama import Llama, llama_cpp
@@ -26,7 +25,6 @@ from .llama import Llama, llama_cpp
 CHAT_ROOM = 2048          # tokens left for the conversation after the documents, unless --ctx
 MIN_ANSWER_TOKENS = 16    # a question is refused when fewer tokens than this are left to answer
 UTF8_SLACK = 3            # create_completion may pass max_tokens by up to 3 to finish a UTF-8 character
-SESSION_FORMAT = "selfextend-gguf chat session 1"
 
 
 class SetupError(ValueError):
@@ -37,8 +35,7 @@ class ContextFullError(RuntimeError):
     """The conversation has no room left in the context."""
 
 
-class SessionFileError(ValueError):
-    """A session file that cannot be loaded into this session."""
+SessionFileError = state_file.StateFileError  # a session file that cannot be loaded into this session
 
 
 class MeteredLlama(Llama):
@@ -282,77 +279,27 @@ class ChatSession:
 
     # --- session files
 
-    def settings_record(self) -> dict:
-        """What a saved session must match to be loaded into this one."""
-        return {"model": str(Path(self.llm.model_path).resolve()), "model_size": self.llm.model_info.size_bytes,
-                "n_ctx": self.n_ctx, "grp_attn_n": self.llm.grp_attn_n, "grp_attn_w": self.llm.grp_attn_w,
-                "prompt_format": self.prompt_format.name}
-
     def save(self, path) -> None:
-        """Write the conversation, the documents and the KV cache (llm.save_state()) to `path`."""
-        record = {"format": SESSION_FORMAT, "settings": self.settings_record(),
-                  "documents": [(str(doc.path), doc.text) for doc in self.documents],
-                  "messages": self.messages, "ingested": (self.ingested.tokens, self.ingested.seconds),
-                  "state": _without_scratch_logits(self.llm.save_state(), self.llm)}
-        path = Path(path).expanduser()
-        try:
-            with open(path, "wb") as f:
-                pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
-        except OSError as error:
-            raise SessionFileError(f"cannot write {path}: {error.strerror or error}") from None
+        """Write the conversation, the documents and the KV cache to `path` (a state_file)."""
+        state_file.save(path, self.llm, self.n_ctx, {
+            "prompt_format": self.prompt_format.name, "messages": self.messages,
+            "documents": [[str(doc.path), doc.text] for doc in self.documents],
+            "ingested": [self.ingested.tokens, self.ingested.seconds]})
 
     def load(self, path) -> None:
-        """Continue a session saved by save(), from a session opened with the same model and settings."""
+        """Continue a session saved by save(), from a session opened with the same model and settings.
+        Everything is checked before the context is touched: on an error the session is as it was."""
         path = Path(path).expanduser()
-        record = read_session_file(path)
-        saved, ours = record["settings"], self.settings_record()
-        if saved["model"] != ours["model"] or saved["model_size"] != ours["model_size"]:
-            raise SessionFileError(f"{path.name} was saved with the model {saved['model']}, and this chat runs "
-                                   f"{ours['model']}: start the chat with --model {saved['model']} to load it")
-        differences = [f"{key}={saved[key]} (this chat: {ours[key]})" for key in saved if saved[key] != ours[key]]
-        if differences:
-            raise SessionFileError(f"{path.name} was saved with other settings: {', '.join(differences)}; "
-                                   "start the chat with the same --ctx, --grp-attn-n and --grp-attn-w to load it")
-        self.llm.load_state(record["state"])
-        self.documents = [Document(Path(name), text) for name, text in record["documents"]]
-        self.messages = record["messages"]
-        self.ingested = IngestStats(*record["ingested"])
+        saved = state_file.read(path)
+        state_file.check(saved, self.llm, self.n_ctx, path.name)
+        if saved.meta.get("prompt_format") != self.prompt_format.name:
+            raise SessionFileError(f"{path.name} was saved with the prompt format {saved.meta.get('prompt_format')} "
+                                   f"(this chat: {self.prompt_format.name}); start the chat the same way to load it")
+        state_file.restore(saved, self.llm)
+        self.documents = [Document(Path(name), text) for name, text in saved.meta["documents"]]
+        self.messages = saved.meta["messages"]
+        self.ingested = IngestStats(*saved.meta["ingested"])
         self.last_turn = None
-
-
-def _without_scratch_logits(state, llm):
-    """llama-cpp-python keeps every token's logits only with logits_all=True; otherwise `scores` is
-    n_batch rows of scratch space (the sampler reads llama.cpp's logits, which llama_state holds).
-    Keep one row, which load_state broadcasts, instead of n_batch * n_vocab floats."""
-    if len(llm.scores) < llm.n_ctx() and len(state.scores) > 1:  # fewer rows than n_ctx: no logits_all
-        state.scores = state.scores[-1:].copy()
-    return state
-
-
-class _SessionUnpickler(pickle.Unpickler):
-    """Unpickles only what save() writes: plain Python data, numpy arrays and a LlamaState."""
-    ALLOWED = {("llama_cpp.llama", "LlamaState"), ("numpy", "dtype"), ("numpy", "ndarray"),
-               ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
-        return super().find_class(module, name)
-
-
-def read_session_file(path: Path) -> dict:
-    """The record save() wrote: settings, documents, messages, ingested, state."""
-    try:
-        with open(path, "rb") as f:
-            record = _SessionUnpickler(f).load()
-    except OSError as error:
-        raise SessionFileError(f"cannot read {path}: {error.strerror or error}") from None
-    except Exception:
-        raise SessionFileError(f"{path} is not a selfextend-gguf session file") from None
-    if not isinstance(record, dict) or record.get("format") != SESSION_FORMAT:
-        raise SessionFileError(f"{path} is not a selfextend-gguf session file (or one from another version)")
-    return record
 
 
 # ----------------------------------------------------------------------------- opening

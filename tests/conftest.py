@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random-weight GGUF files (generated per session) and the SmolLM2 path."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,20 +21,10 @@ if "OMP_NUM_THREADS" not in os.environ:
 TINY_WEIGHT_TYPES = ("f32", "f16", "q8_0")
 
 
-def load_make_tiny_gguf():
-    """scripts/make_tiny_gguf.py as a module (scripts/ is not a package)."""
-    module = sys.modules.get("make_tiny_gguf")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "scripts" / "make_tiny_gguf.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_tiny_gguf"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def make_tiny_gguf():
-    return load_make_tiny_gguf()
+    from selfextend_gguf.testing import tiny_gguf
+    return tiny_gguf
 
 
 @pytest.fixture(scope="session")

@@ -203,8 +203,8 @@ def test_chat_streams_answers_and_reads_the_document_once(chat_transcript, tiny_
     document_tokens = numbers(r"read long\.txt: ([\d,]+) tokens", transcript)[0]
     first, second = transcript.split("> /stats")[:2]
     # the streamed answer: what the saved conversation recorded, printed after the question
-    from selfextend_gguf.chat import read_session_file
-    messages = read_session_file(session_file)["messages"]
+    from selfextend_gguf import state_file
+    messages = state_file.read(session_file).meta["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     answer = messages[1]["content"]
     assert answer.strip() and answer.strip()[:4] in first.split(QUESTION, 1)[1]
@@ -256,7 +256,46 @@ def test_loading_into_other_settings_is_refused(chat_transcript, tiny_f32_gguf, 
     assert re.search(r"was saved with other settings: grp_attn_n=\d+ \(this chat: 100\)", result.stderr), result.stderr
     other_model = selfextend_gguf("chat", "--model", Path(tiny_f32_gguf).with_name("tiny-f16.gguf"), "--doc", document,
                                   stdin=f"/load {session_file}\n/exit\n")
-    assert "was saved with the model" in other_model.stderr and "start the chat with --model" in other_model.stderr
+    assert "was saved with the model" in other_model.stderr and "load it with --model" in other_model.stderr
+
+
+def test_a_cut_or_edited_session_file_is_refused_and_the_session_goes_on(chat_transcript, tiny_f32_gguf, document,
+                                                                         tmp_path):
+    """No pickle: the file is numpy arrays and JSON, checked whole (sha256) before the context is touched."""
+    import zipfile
+
+    from selfextend_gguf import state_file
+    from selfextend_gguf.chat import SessionFileError, open_session
+    from selfextend_gguf.documents import load_documents
+
+    _, session_file = chat_transcript
+    data = session_file.read_bytes()
+    with zipfile.ZipFile(session_file) as archive:
+        assert sorted(archive.namelist()) == ["input_ids.npy", "llama_state.npy", "meta.npy", "scores.npy"]
+    cut, edited, other = tmp_path / "cut.session", tmp_path / "edited.session", tmp_path / "other.session"
+    cut.write_bytes(data[: len(data) // 2])
+    middle = len(data) // 2  # inside llama_state, the largest array (stored uncompressed)
+    edited.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    other.write_text("not a session")
+
+    session = open_session(tiny_f32_gguf, load_documents([document]), max_answer_tokens=4,
+                           sampling={"temperature": 0.0})
+    session.ingest()
+    before = (session.n_used, list(session.messages))
+    for path, message in [(cut, "damaged: cut short"), (edited, "damaged: cut short or changed"),
+                          (other, "not a selfextend-gguf state file")]:
+        with pytest.raises(SessionFileError, match=message):
+            session.load(path)
+        assert (session.n_used, session.messages) == before
+    assert list(session.ask("Still there?", max_tokens=2))  # the session goes on
+    # a file whose zip is whole but whose settings were edited: the checksum catches it
+    saved = np.load(session_file, allow_pickle=False)
+    arrays = {name: saved[name] for name in saved.files}
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = np.array(json.dumps(meta | {"grp_attn_n": 1}))
+    np.savez(tmp_path / "settings-edited.npz", **arrays)
+    with pytest.raises(state_file.StateFileError, match="do not match their checksum"):
+        state_file.read(tmp_path / "settings-edited.npz")
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_f32_gguf, document):

@@ -298,10 +298,7 @@ def test_real_sweep_json_shape_report_and_plots(tiny_f32_gguf, haystack_file, tm
 
 
 def test_command_line_runs_resumes_and_reports(tiny_f32_gguf, haystack_file, tmp_path):
-    spec = importlib.util.spec_from_file_location("eval_long_context", harness.Path(__file__).parents[1]
-                                                  / "scripts" / "eval_long_context.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from selfextend_gguf.evaluate import command as cli  # scripts/eval_long_context.py's
     out = tmp_path / "cli.json"
     args = ["--model", str(tiny_f32_gguf), "--tasks", "passkey", "--methods", "vanilla,exact-auto",
             "--lengths", "8x", "--depths", "0,1", "--threads", "1", "--out", str(out), "--no-progress",

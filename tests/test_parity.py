@@ -11,34 +11,11 @@ import pytest
 import torch
 
 from selfextend_gguf import Llama, max_context, SelfExtend
-from selfextend_gguf._native import load_llama_cpp
-
-llama_cpp = load_llama_cpp()
-
-TOLERANCE = 1e-3
-F32 = llama_cpp.GGML_TYPE_F32
+from selfextend_gguf.testing.parity import (F32, TOLERANCE, fitting_length, llama_cpp, random_tokens,
+                                            reference_logits, tiny_llama)
 
 # (G, W): odd G, W not a multiple of G, W smaller and larger than a ubatch
 SETTINGS = [(2, 8), (3, 10), (4, 16), (5, 7), (8, 12)]
-
-
-def random_tokens(n, seed=0, n_vocab=320):
-    return np.random.default_rng(seed).integers(0, n_vocab, size=n).tolist()
-
-
-def tiny_llama(path, n_ctx, group_size, window, type_k=F32, type_v=F32, **kwargs):
-    return Llama(str(path), n_ctx=n_ctx, grp_attn_n=group_size, grp_attn_w=window, logits_all=True,
-                 type_k=type_k, type_v=type_v, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
-
-
-def reference_logits(reference, tokens, group_size, window):
-    mode = "self_extend" if group_size > 1 else "vanilla"
-    with torch.no_grad():
-        return reference.forward(torch.tensor(tokens), mode=mode, group_size=group_size, window=window).numpy()
-
-
-def fitting_length(group_size, window, n_ctx_train=64, cap=300):
-    return min(cap, max_context(n_ctx_train, SelfExtend(group_size, window)))
 
 
 @pytest.mark.parametrize("group_size,window", SETTINGS)

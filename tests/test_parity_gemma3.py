@@ -19,7 +19,7 @@ from selfextend_gguf.gguf_info import read_model_info
 from selfextend_gguf.reference import ReferenceModel
 from selfextend_gguf.reference.gemma3 import Gemma3Model
 # test_parity.py's helpers (pytest puts tests/ on sys.path): the same runs for every architecture
-from test_parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
+from selfextend_gguf.testing.parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
 
 llama_cpp = load_llama_cpp()
 

@@ -51,7 +51,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_parity import fitting_length, llama_cpp, random_tokens, reference_logits, tiny_llama
+from selfextend_gguf.testing.parity import fitting_length, llama_cpp, random_tokens, reference_logits, tiny_llama
 
 F16, Q8_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
 

@@ -13,7 +13,7 @@ import pytest
 
 from selfextend_gguf.gguf_info import read_model_info
 # test_parity.py's helpers (pytest puts tests/ on sys.path): the same settings for both architectures
-from test_parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
+from selfextend_gguf.testing.parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
 
 # (G, W): odd G with W not a multiple of it, even G with W a multiple, W smaller than a ubatch
 SETTINGS = [(2, 8), (3, 10), (5, 7)]

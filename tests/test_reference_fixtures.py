@@ -1,4 +1,4 @@
-"""scripts/make_tiny_gguf.py and selfextend_gguf.models (the default SmolLM2 model)."""
+"""selfextend_gguf.testing.tiny_gguf (scripts/make_tiny_gguf.py) and selfextend_gguf.models (the default SmolLM2 model)."""
 
 import gguf
 import pytest

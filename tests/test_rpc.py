@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from native_build import ROOT, build_llama_cpp, have_build_tools
-from test_parity import TOLERANCE, random_tokens, reference_logits
+from selfextend_gguf.testing.parity import TOLERANCE, random_tokens, reference_logits
 
 RPC_BUILD = ROOT / "build" / "rpc"
 GROUP_SIZE, WINDOW = 4, 16

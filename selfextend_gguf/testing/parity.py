@@ -1,0 +1,37 @@
+"""Helpers of the parity tests: the patched llama.cpp (selfextend_gguf.Llama) against the torch
+reference on tiny random models (tiny_gguf), at every position."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import Llama, SelfExtend, max_context
+from .._native import load_llama_cpp
+
+llama_cpp = load_llama_cpp()
+
+TOLERANCE = 1e-3    # max |logit difference| for F32 weights and an F32 KV cache
+F32 = llama_cpp.GGML_TYPE_F32
+
+
+def random_tokens(n, seed=0, n_vocab=320) -> list[int]:
+    return np.random.default_rng(seed).integers(0, n_vocab, size=n).tolist()
+
+
+def tiny_llama(path, n_ctx, group_size, window, type_k=F32, type_v=F32, **kwargs) -> Llama:
+    """A Llama that keeps every position's logits, with an F32 KV cache unless told."""
+    return Llama(str(path), n_ctx=n_ctx, grp_attn_n=group_size, grp_attn_w=window, logits_all=True,
+                 type_k=type_k, type_v=type_v, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
+
+
+def reference_logits(reference, tokens, group_size, window) -> np.ndarray:
+    """[n, n_vocab] logits of the torch reference (exact Self-Extend, or vanilla for G = 1)."""
+    import torch
+
+    mode = "self_extend" if group_size > 1 else "vanilla"
+    with torch.no_grad():
+        return reference.forward(torch.tensor(tokens), mode=mode, group_size=group_size, window=window).numpy()
+
+
+def fitting_length(group_size, window, n_ctx_train=64, cap=300) -> int:
+    """The longest context these settings reach on the tiny models, at most cap."""
+    return min(cap, max_context(n_ctx_train, SelfExtend(group_size, window)))

@@ -1,0 +1,383 @@
+"""Write small random-weight llama- or qwen2-architecture GGUF files for tests.
+
+The files load in llama.cpp and transformers: GQA, a byte-level BPE (GPT-2 style) vocabulary of
+a few hundred tokens that tokenizes any text, ChatML special tokens and chat template.
+llama: normal RoPE (llama.cpp's LLAMA_ROPE_TYPE_NORM). qwen2: the same plus biases on the Q, K
+and V projections, NeoX RoPE (LLAMA_ROPE_TYPE_NEOX, implied by the architecture) and RoPE base
+1e6. Same seed -> same weights for every weight type, so an F32, F16 and Q8_0 file differ only
+by storage precision; a qwen2 file has the llama file's weights plus its biases.
+
+gemma3 (write_tiny_gemma3): sliding-window and global layers, q/k norms, GELU-gated FFN, tied
+output (its own weights; see its docstring).
+
+    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+
+Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_gemma3(path, ...),
+write_unsupported_arch_gguf(path).
+"""
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import gguf
+
+WEIGHT_TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+# what sets the architectures apart; llama.cpp reads both with the same hyperparameter keys.
+# rope_dims_key: llama.cpp's llama converter writes rope.dimension_count, its qwen2 converter
+# does not (llama.cpp then takes the head size)
+ARCHITECTURES = {
+    "llama": dict(qkv_bias=False, rope_freq_base=10000.0, rope_dims_key=True),
+    "qwen2": dict(qkv_bias=True, rope_freq_base=1e6, rope_dims_key=False),
+}
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # bos, chat start, eos
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BPE_CORPUS = """\
+The quick brown fox jumps over the lazy dog. The passkey is 12345; remember it, the passkey
+is hidden in a long text. There is a system, a user and an assistant: the user asks and the
+assistant answers. Self-Extend maps the positions of distant tokens into groups, so that the
+model sees only positions it was trained on, while the tokens in the neighbor window keep
+their normal positions. This is the end of the story, and then there is another one.
+"""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable unicode characters."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def pretokenize(text):
+    """A simplified GPT-2 split: words, numbers and punctuation runs with a leading space."""
+    return re.findall(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+", text)
+
+
+def train_bpe(text, n_merges):
+    """Greedy byte-level BPE: the n_merges most frequent pairs (ties: smallest pair first)."""
+    byte_char = bytes_to_unicode()
+    words = Counter(tuple(byte_char[b] for b in w.encode("utf-8")) for w in pretokenize(text))
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def tiny_vocab(n_vocab=320):
+    """(tokens, token_types, merges): 256 byte tokens, BPE merges, then the special tokens."""
+    byte_char = bytes_to_unicode()
+    tokens = [byte_char[b] for b in range(256)]
+    merges = train_bpe(BPE_CORPUS, n_vocab - 256 - len(SPECIAL_TOKENS))
+    tokens += [a + b for a, b in merges]
+    tokens += SPECIAL_TOKENS
+    types = [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIAL_TOKENS))
+    types += [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    return tokens, types, [f"{a} {b}" for a, b in merges]
+
+
+# ----------------------------------------------------------------------------- weights
+
+def random_llama_weights(rng, n_vocab, n_embd, n_head, n_head_kv, n_layer, n_ff, tied_output,
+                         qkv_bias=False):
+    """{gguf tensor name: float32 array in torch order [out, in]}.
+
+    Scales keep activations O(1): q, k, v entries ~1 from a unit-RMS input, attention scores of
+    std ~1 (not uniform, so positions matter), residual updates ~0.5, logits of std ~2.
+    qkv_bias adds the biases (drawn last: the other weights do not change).
+    """
+    head_dim = n_embd // n_head
+
+    def normal(std, *shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight():
+        return (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+
+    proj = 1.0 / np.sqrt(n_embd)
+    w = {"token_embd.weight": normal(0.5, n_vocab, n_embd)}
+    for i in range(n_layer):
+        w[f"blk.{i}.attn_norm.weight"] = norm_weight()
+        w[f"blk.{i}.attn_q.weight"] = normal(proj, n_head * head_dim, n_embd)
+        w[f"blk.{i}.attn_k.weight"] = normal(proj, n_head_kv * head_dim, n_embd)
+        w[f"blk.{i}.attn_v.weight"] = normal(proj, n_head_kv * head_dim, n_embd)
+        w[f"blk.{i}.attn_output.weight"] = normal(0.06, n_embd, n_head * head_dim)
+        w[f"blk.{i}.ffn_norm.weight"] = norm_weight()
+        w[f"blk.{i}.ffn_gate.weight"] = normal(proj, n_ff, n_embd)
+        w[f"blk.{i}.ffn_up.weight"] = normal(proj, n_ff, n_embd)
+        w[f"blk.{i}.ffn_down.weight"] = normal(0.06, n_embd, n_ff)
+    w["output_norm.weight"] = norm_weight()
+    output = normal(0.25, n_vocab, n_embd)  # drawn even when tied, so other weights don't change
+    if not tied_output:
+        w["output.weight"] = output
+    if qkv_bias:
+        w.update(random_qkv_biases(rng, n_layer, n_head * head_dim, n_head_kv * head_dim))
+    return w
+
+
+def random_qkv_biases(rng, n_layer, q_dim, kv_dim):
+    """{blk.i.attn_{q,k,v}.bias: [dim]}, std 0.5: about half the size of the projections, so
+    the biased (position-independent before RoPE) part of Q and K is felt in the scores."""
+    w = {}
+    for i in range(n_layer):
+        for name, dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+            w[f"blk.{i}.attn_{name}.bias"] = (rng.standard_normal(dim) * 0.5).astype(np.float32)
+    return w
+
+
+def add_weight(writer, name, array, qtype):
+    """Matrices in qtype; 1-D tensors (norms) stay F32, as llama.cpp's converter keeps them."""
+    if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, array)
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, array.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+
+def write_tiny_model(path, arch="llama", *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4,
+                     n_head_kv=2, n_layer=2, n_ff=128, n_vocab=320, rope_freq_base=None,
+                     rope_scaling=None, rope_scaling_factor=1.0, rope_freq_factors=False,
+                     rms_eps=1e-5, tied_output=False, seed=0):
+    """Write a random-weight GGUF of architecture arch (see ARCHITECTURES) to path and return
+    path (as a Path). rope_freq_base None: the architecture's default. rope_scaling: "linear" or
+    "yarn" metadata with rope_scaling_factor; rope_freq_factors: a random per-frequency divisor
+    tensor rope_freqs.weight in [1, 4], as Llama 3.1 models carry."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must be a multiple of n_head, and n_head of n_head_kv")
+    spec = ARCHITECTURES[arch]
+    qtype, file_type = WEIGHT_TYPES[weight_type]
+    tokens, token_types, merges = tiny_vocab(n_vocab)
+    weights = random_llama_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head,
+                                   n_head_kv, n_layer, n_ff, tied_output, qkv_bias=spec["qkv_bias"])
+    path = Path(path)
+    writer = new_writer(path, arch, weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
+                        n_ff, n_head, n_head_kv)
+    if spec["rope_dims_key"]:
+        writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(spec["rope_freq_base"] if rope_freq_base is None else rope_freq_base)
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
+        writer.add_rope_scaling_factor(rope_scaling_factor)
+    if rope_freq_factors:
+        head_dim = n_embd // n_head
+        factors = np.random.default_rng(seed + 1).uniform(1.0, 4.0, size=head_dim // 2).astype(np.float32)
+        writer.add_tensor("rope_freqs.weight", factors)
+    writer.add_layer_norm_rms_eps(rms_eps)
+    add_tokenizer(writer, tokens, token_types, merges)
+    return write_weights_and_close(writer, weights, qtype, path)
+
+
+def new_writer(path, arch, weight_type, seed, file_type, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head,
+               n_head_kv):
+    """A GGUFWriter with the metadata every architecture here shares."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}-{weight_type}-seed{seed}")
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    return writer
+
+
+def write_weights_and_close(writer, weights, qtype, path):
+    """Add the weights, write the file, return its path."""
+    for name, array in weights.items():
+        add_weight(writer, name, array, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_tokenizer(writer, tokens, token_types, merges):
+    """The tiny byte-level BPE vocabulary (tiny_vocab()), no BOS/EOS added, ChatML template."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+
+
+def write_tiny_llama(path, **kwargs):
+    """A random-weight llama GGUF (keyword arguments: write_tiny_model's); returns its Path."""
+    return write_tiny_model(path, "llama", **kwargs)
+
+
+def write_tiny_qwen2(path, **kwargs):
+    """A random-weight qwen2 GGUF: Q/K/V biases, NeoX RoPE, RoPE base 1e6 (keyword arguments:
+    write_tiny_model's); returns its Path."""
+    return write_tiny_model(path, "qwen2", **kwargs)
+
+
+# ----------------------------------------------------------------------------- gemma3
+
+# The tiny gemma3's post_ffw_norm weights are FFN_OUT_SCALE * (1 + 0.1 N(0, 1)): its FFN's residual
+# updates are a quarter of its attention's. llama.cpp's CPU GELU rounds its input to float16 (see reference/gemma3.py
+# gelu_ggml_cpu), so a 1e-7 change of an input can move an output by 5e-4; at full size these flips
+# alone move the tiny model's logits by up to ~7e-4 (measured), at a quarter ~1e-4, well under the
+# parity bar of 1e-3.
+FFN_OUT_SCALE = 0.25
+
+
+def random_gemma3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, head_dim, n_layer, n_ff):
+    """{gguf tensor name: float32 array in torch order [out, in]} of a Gemma 3 decoder; the output
+    is tied to the token embedding (no output.weight), as in every Gemma 3.
+
+    Norm weights are stored the way llama.cpp's converter writes Gemma's, 1 + w: llama.cpp
+    multiplies by the stored value, transformers' GGUF loader subtracts 1 again for its (1 + w).
+    Scales keep activations O(1): embeddings of std 0.25 times sqrt(n_embd) = 8 in the model,
+    unit-RMS q and k after the per-head q/k norms (scores of std ~1 at 1/sqrt(head_dim)),
+    post-attention norms that make the attention's residual updates unit-RMS, post-FFN norms a quarter of that
+    (FFN_OUT_SCALE), logits of std ~2.
+    """
+    def normal(std, *shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    proj = 1.0 / np.sqrt(n_embd)
+    w = {"token_embd.weight": normal(0.25, n_vocab, n_embd)}
+    for i in range(n_layer):
+        w[f"blk.{i}.attn_norm.weight"] = norm_weight(n_embd)
+        w[f"blk.{i}.attn_q.weight"] = normal(proj, n_head * head_dim, n_embd)
+        w[f"blk.{i}.attn_q_norm.weight"] = norm_weight(head_dim)
+        w[f"blk.{i}.attn_k.weight"] = normal(proj, n_head_kv * head_dim, n_embd)
+        w[f"blk.{i}.attn_k_norm.weight"] = norm_weight(head_dim)
+        w[f"blk.{i}.attn_v.weight"] = normal(proj, n_head_kv * head_dim, n_embd)
+        w[f"blk.{i}.attn_output.weight"] = normal(1.0 / np.sqrt(n_head * head_dim), n_embd, n_head * head_dim)
+        w[f"blk.{i}.post_attention_norm.weight"] = norm_weight(n_embd)
+        w[f"blk.{i}.ffn_norm.weight"] = norm_weight(n_embd)
+        w[f"blk.{i}.ffn_gate.weight"] = normal(proj, n_ff, n_embd)
+        w[f"blk.{i}.ffn_up.weight"] = normal(proj, n_ff, n_embd)
+        w[f"blk.{i}.ffn_down.weight"] = normal(1.0 / np.sqrt(n_ff), n_embd, n_ff)
+        # a multiple of 2^-24, so that transformers' float32 (w - 1) is exact for this w near 0.25 too
+        w[f"blk.{i}.post_ffw_norm.weight"] = np.round(FFN_OUT_SCALE * norm_weight(n_embd) * 2**24) / 2**24
+    w["output_norm.weight"] = norm_weight(n_embd)
+    return w
+
+
+def write_tiny_gemma3(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4, n_head_kv=2,
+                      head_dim=32, n_layer=4, n_ff=128, n_vocab=320, sliding_window=10, swa_pattern=2,
+                      rope_freq_base=1e6, rope_freq_base_swa=10000.0, rms_eps=1e-6, seed=0):
+    """Write a random-weight Gemma 3 (architecture "gemma3") GGUF to path; returns its Path.
+
+    What llama.cpp's gemma3 graph (src/models/gemma3.cpp) reads: sliding-window layers (n_swa =
+    sliding_window, RoPE base rope_freq_base_swa) and global layers (RoPE base rope_freq_base),
+    head_dim independent of n_embd / n_head (attention.key_length), per-head q/k norms, post-
+    attention and post-FFN norms, a GELU-gated FFN, NeoX RoPE, tied output. swa_pattern: every
+    swa_pattern-th layer is global (llama.cpp's set_swa_pattern: layer i slides iff
+    i % swa_pattern < swa_pattern - 1); the default 2 makes layers 0, 2 sliding and 1, 3 global.
+    None leaves the key out, as the HF converter does for Gemma 3: llama.cpp then uses 6.
+    Same tokenizer as the tiny llama.
+    """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
+    if n_head % n_head_kv:
+        raise ValueError("n_head must be a multiple of n_head_kv")
+    qtype, file_type = WEIGHT_TYPES[weight_type]
+    tokens, token_types, merges = tiny_vocab(n_vocab)
+    weights = random_gemma3_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head, n_head_kv,
+                                    head_dim, n_layer, n_ff)
+    path = Path(path)
+    writer = new_writer(path, "gemma3", weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
+                        n_ff, n_head, n_head_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(rope_freq_base)
+    writer.add_rope_freq_base_swa(rope_freq_base_swa)
+    writer.add_sliding_window(sliding_window)
+    if swa_pattern is not None:
+        writer.add_sliding_window_pattern(swa_pattern)
+    writer.add_layer_norm_rms_eps(rms_eps)
+    add_tokenizer(writer, tokens, token_types, merges)
+    return write_weights_and_close(writer, weights, qtype, path)
+
+
+def write_unsupported_arch_gguf(path, arch="mamba"):
+    """A small valid GGUF whose architecture the reference decoder does not support."""
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output .gguf path")
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma3"])
+    parser.add_argument("--type", dest="weight_type", default="f32", choices=sorted(WEIGHT_TYPES))
+    parser.add_argument("--n-ctx-train", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tied-output", action="store_true", help="no output.weight")
+    args = parser.parse_args(argv)
+    if args.arch == "gemma3":  # its output is always tied
+        path = write_tiny_gemma3(args.out, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train,
+                                 seed=args.seed)
+    else:
+        path = write_tiny_model(args.out, args.arch, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train,
+                                seed=args.seed, tied_output=args.tied_output)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
