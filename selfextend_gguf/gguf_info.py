@@ -1,4 +1,5 @@
-"""What selfextend_gguf needs to know about a GGUF file before llama.cpp loads it."""
+"""What selfextend_gguf needs to know about a GGUF file before llama.cpp loads it, and the metadata
+readers that the torch reference's loaders (reference/gguf_loader.py, reference/gemma3.py) share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,14 +29,27 @@ class ModelInfo:
         return self.architecture not in NO_ROPE_ARCHITECTURES
 
 
-def _field(reader, key):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode("utf-8", errors="replace")
-    return value.tolist()[0] if hasattr(value, "tolist") else value
+def field(reader, key, default=None):
+    """The metadata value of key in a gguf.GGUFReader (a scalar, string or list), default if absent."""
+    found = reader.fields.get(key)
+    return default if found is None else found.contents()
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    type: str | None   # "linear", "yarn", ... as the GGUF says; None if absent
+    factor: float      # rope.scaling.factor, 0 if absent
+
+    def linear_freq_scale(self, path) -> float:
+        """llama.cpp's rope_freq_scale for no or linear scaling (1 / factor); ValueError for others."""
+        if self.type not in (None, "none", "linear") or (self.type in (None, "none") and self.factor not in (0.0, 1.0)):
+            raise ValueError(f"{path}: RoPE scaling {self.type!r} is not supported (only none or linear)")
+        return 1.0 / self.factor if self.type == "linear" and self.factor > 0 else 1.0
+
+
+def rope_scaling(reader, architecture: str) -> RopeScaling:
+    return RopeScaling(field(reader, f"{architecture}.rope.scaling.type"),
+                       float(field(reader, f"{architecture}.rope.scaling.factor", 0.0) or 0.0))
 
 
 def read_model_info(path) -> ModelInfo:
@@ -53,20 +67,20 @@ def read_model_info(path) -> ModelInfo:
         reader = gguf.GGUFReader(str(path))
     except Exception as error:  # truncated or corrupt files raise various errors inside gguf
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {error}") from error
-    architecture = _field(reader, "general.architecture")
+    architecture = field(reader, "general.architecture")
     if architecture is None:
         raise ValueError(f"{path} has no general.architecture key: not a model GGUF")
-    n_ctx_train = _field(reader, f"{architecture}.context_length")
+    n_ctx_train = field(reader, f"{architecture}.context_length")
     if n_ctx_train is None:
         raise ValueError(f"{path} has no {architecture}.context_length key")
     return ModelInfo(
         path=path,
         architecture=architecture,
         n_ctx_train=int(n_ctx_train),
-        rope_freq_base=_field(reader, f"{architecture}.rope.freq_base"),
-        rope_scaling_type=_field(reader, f"{architecture}.rope.scaling.type"),
-        rope_dimension_count=_field(reader, f"{architecture}.rope.dimension_count"),
-        file_type=_field(reader, "general.file_type"),
+        rope_freq_base=field(reader, f"{architecture}.rope.freq_base"),
+        rope_scaling_type=rope_scaling(reader, architecture).type,
+        rope_dimension_count=field(reader, f"{architecture}.rope.dimension_count"),
+        file_type=field(reader, "general.file_type"),
         size_bytes=path.stat().st_size,
-        sliding_window=_field(reader, f"{architecture}.attention.sliding_window") or None,
+        sliding_window=field(reader, f"{architecture}.attention.sliding_window") or None,
     )

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from .attention import (LLAMA_CPP_DEFAULT_N_BATCH, rotated_scores, self_extend_scores,
                         softmax_attend)
-from .gguf_loader import GGUFError, LlamaHParams, TensorTaker, architecture, field_value, open_gguf, read_tensors
+from ..gguf_info import field
+from .gguf_loader import (GGUFError, LlamaHParams, TensorTaker, architecture, open_gguf, read_tensors,
+                          supported_rope_freq_scale)
 from .model import KVCache, ReferenceModel, rms_norm
 from .positions import causal_mask
 from .rope import Rope
@@ -102,7 +104,7 @@ def read_gemma3_hparams(reader, path=""):
         raise GGUFError(f"{path}: architecture {arch!r} is not {ARCHITECTURE!r}")
 
     def value(key, default=None, required=False):
-        v = field_value(reader, f"{arch}.{key}", default)
+        v = field(reader, f"{arch}.{key}", default)
         if v is None and required:
             raise GGUFError(f"{path}: missing metadata key {arch}.{key}")
         return v
@@ -112,10 +114,7 @@ def read_gemma3_hparams(reader, path=""):
     head_dim = int(value("attention.key_length", n_embd // n_head))
     if int(value("attention.value_length", head_dim)) != head_dim:
         raise GGUFError(f"{path}: key_length != value_length is not supported")
-    scaling = value("rope.scaling.type", "none")
-    factor = float(value("rope.scaling.factor", 0.0) or 0.0)
-    if scaling not in ("none", "linear") or (scaling == "none" and factor not in (0.0, 1.0)):
-        raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (only none or linear)")
+    rope_freq_scale = supported_rope_freq_scale(reader, arch, path)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise GGUFError(f"{path}: missing tensor token_embd.weight")
@@ -134,7 +133,7 @@ def read_gemma3_hparams(reader, path=""):
         rms_eps=float(value("attention.layer_norm_rms_epsilon", required=True)),
         rope_dims=int(value("rope.dimension_count", head_dim)),
         rope_base=float(value("rope.freq_base", 10000.0)),
-        rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
+        rope_freq_scale=rope_freq_scale,
         sliding_window=sliding_window,
         swa_layers=sliding_layers(n_layer, sliding_window, value("attention.sliding_window_pattern")),
         rope_base_swa=float(value("rope.freq_base_swa", DEFAULT_ROPE_BASE_SWA)),

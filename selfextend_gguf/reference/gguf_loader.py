@@ -13,6 +13,8 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from ..gguf_info import field, rope_scaling
+
 # the RoPE layout llama.cpp uses for each supported architecture (llama_model_rope_type):
 # llama LLAMA_ROPE_TYPE_NORM (adjacent pairs), qwen2 LLAMA_ROPE_TYPE_NEOX (halves)
 ROPE_NEOX = {"llama": False, "qwen2": True}
@@ -63,14 +65,16 @@ def open_gguf(path):
     return reader
 
 
-def field_value(reader, key, default=None):
-    """Metadata value of key (scalar, string or list), default if absent."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def supported_rope_freq_scale(reader, arch, path) -> float:
+    """rope_freq_scale for the reference: no or linear RoPE scaling (GGUFError for others)."""
+    try:
+        return rope_scaling(reader, arch).linear_freq_scale(path)
+    except ValueError as error:
+        raise GGUFError(str(error)) from None
 
 
 def architecture(reader):
-    arch = field_value(reader, "general.architecture")
+    arch = field(reader, "general.architecture")
     if arch is None:
         raise GGUFError("GGUF file has no general.architecture key")
     return arch
@@ -85,7 +89,7 @@ def read_llama_hparams(reader, path=""):
                         f"supports {', '.join(SUPPORTED_ARCHITECTURES)}")
 
     def required(key):
-        value = field_value(reader, f"{arch}.{key}")
+        value = field(reader, f"{arch}.{key}")
         if value is None:
             raise GGUFError(f"{path}: missing metadata key {arch}.{key}")
         if isinstance(value, list):
@@ -93,17 +97,14 @@ def read_llama_hparams(reader, path=""):
         return value
 
     def optional(key, default):
-        value = field_value(reader, f"{arch}.{key}", default)
+        value = field(reader, f"{arch}.{key}", default)
         if isinstance(value, list):
             raise GGUFError(f"{path}: per-layer {arch}.{key} is not supported")
         return value
 
     if optional("expert_count", 0):
         raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported")
-    scaling = optional("rope.scaling.type", "none")
-    factor = float(optional("rope.scaling.factor", 0.0) or 0.0)
-    if scaling not in ("none", "linear") or (scaling == "none" and factor not in (0.0, 1.0)):
-        raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (only none or linear)")
+    rope_freq_scale = supported_rope_freq_scale(reader, arch, path)
 
     n_embd, n_head = int(required("embedding_length")), int(required("attention.head_count"))
     head_dim = int(optional("attention.key_length", n_embd // n_head))
@@ -124,7 +125,7 @@ def read_llama_hparams(reader, path=""):
         rms_eps=float(required("attention.layer_norm_rms_epsilon")),
         rope_dims=int(optional("rope.dimension_count", head_dim)),
         rope_base=float(optional("rope.freq_base", 10000.0)),
-        rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
+        rope_freq_scale=rope_freq_scale,
         architecture=arch,
     )
 
