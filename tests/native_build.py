@@ -1,11 +1,14 @@
 """Extra builds of the pinned llama.cpp for tests: the top-level CMakeLists.txt, configured into its
 own folder under build/ (ignored by git) with other options, e.g. build/unpatched
-(SELFEXTEND_APPLY_PATCHES=OFF) or build/rpc (GGML_RPC=ON). Each build folder keeps its object files,
+(SELFEXTEND_APPLY_PATCHES=OFF), build/fallbacks (SELFEXTEND_FORCE_FALLBACKS=ON) or build/rpc
+(GGML_RPC=ON); and run_with_library(), which runs a function in a child process bound to one. Each build folder keeps its object files,
 so a second run only asks ninja whether anything changed (about a second); ggml's GGML_CCACHE uses
 ccache when it is installed."""
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +55,38 @@ def build_llama_cpp(build_dir: Path, options, targets) -> Path:
         _run(configure, f"configuring {build_dir}")
     _run(["cmake", "--build", str(build_dir), "--target", *targets], f"building {' '.join(targets)} in {build_dir}")
     return build_dir / "bin"
+
+
+FALLBACKS_BUILD = ROOT / "build" / "fallbacks"
+
+
+def fallbacks_lib_dir() -> Path:
+    """A libllama whose Self-Extend takes the fallback paths of devices without out_prod or flash
+    attention of two head sizes (V padded, V transposed for decode steps), built once."""
+    library = FALLBACKS_BUILD / "bin" / "libllama.so"
+    if not library.exists():
+        build_llama_cpp(FALLBACKS_BUILD, ["-DSELFEXTEND_FORCE_FALLBACKS=ON", "-DSELFEXTEND_BUILD_TOOLS=OFF"],
+                        ["llama"])
+    assert library.exists(), f"the fallbacks build did not produce {library}"
+    return library.parent
+
+
+# a process loads one libllama: the child imports the test module with SELFEXTEND_GGUF_LIB_PATH set
+_CHILD = """
+import importlib, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+function = getattr(importlib.import_module(sys.argv[3]), sys.argv[4])
+print(json.dumps(function(*json.loads(sys.argv[5]))))
+"""
+
+
+def run_with_library(library_dir: Path, module: str, function: str, *args):
+    """function(*args) of tests/<module>.py in a child process bound to library_dir; the function
+    takes and returns JSON values."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    env["SELFEXTEND_GGUF_LIB_PATH"] = str(library_dir)
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(ROOT / "tests"), module, function,
+                           json.dumps(args)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module}.{function} failed in the child (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

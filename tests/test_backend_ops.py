@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from native_build import fallbacks_lib_dir, run_with_library
 from selfextend_gguf import Llama
 from selfextend_gguf._native import lib_dir, load_llama_cpp
 
@@ -87,28 +88,36 @@ def test_self_extend_with_flash_attention_uses_flash_attention(tiny_f32_gguf):
     assert extended <= vanilla | SELF_EXTEND_FLASH_OPS, f"undocumented: {sorted(extended - vanilla - SELF_EXTEND_FLASH_OPS)}"
 
 
-@pytest.mark.parametrize("v_head", ["own size", "padded"])
-def test_flash_attention_keeps_v_at_its_head_size_where_the_device_takes_it(tiny_f32_gguf, v_head, monkeypatch):
-    """The CPU's flash attention takes K and V of different head sizes, so V is not padded to the
-    doubled size (half the V work); LLAMA_SELF_EXTEND_FA_PAD_V=1 forces the padded path of the
-    devices that need one size."""
-    if v_head == "padded":
-        monkeypatch.setenv("LLAMA_SELF_EXTEND_FA_PAD_V", "1")
+def flash_graph(path) -> dict:
+    """The operations of a flash-attention graph with Self-Extend, and the output width of its flash
+    attention node (JSON values: run_with_library runs it in a child bound to another build)."""
     widths = {}
-    graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=True, widths=widths)
+    ops = graph_ops(path, 4, 16, 192, flash_attn=True, widths=widths)
+    return {"ops": sorted(ops), "kqv_width": sorted(widths["kqv_self_extend_flash"])}
+
+
+@pytest.fixture(scope="module")
+def flash_graphs(tiny_f32_gguf):
+    """{"cpu": the CPU's paths, "fallbacks": the paths of devices without out_prod or flash attention of
+    two head sizes, from a build that takes them everywhere (native_build.fallbacks_lib_dir)}"""
+    return {"cpu": flash_graph(str(tiny_f32_gguf)),
+            "fallbacks": run_with_library(fallbacks_lib_dir(), "test_backend_ops", "flash_graph", str(tiny_f32_gguf))}
+
+
+@pytest.mark.parametrize("paths", ["cpu", "fallbacks"])
+def test_flash_attention_keeps_v_at_its_head_size_where_the_device_takes_it(tiny_f32_gguf, flash_graphs, paths):
+    """The CPU's flash attention takes K and V of different head sizes, so V is not padded to the
+    doubled size (half the V work); devices that need one size get V padded."""
     llm = Llama(str(tiny_f32_gguf), n_ctx=64, verbose=False)
     n_embd_head = llama_cpp.llama_model_n_embd(llm.model) // llama_cpp.llama_model_n_head(llm.model)
     llm.close()
-    assert widths["kqv_self_extend_flash"] == {n_embd_head if v_head == "own size" else 2 * n_embd_head}
+    assert flash_graphs[paths]["kqv_width"] == [n_embd_head if paths == "cpu" else 2 * n_embd_head]
 
 
-@pytest.mark.parametrize("v_read", ["out_prod", "transposed"])
-def test_flash_attention_decode_reads_v_with_out_prod_where_the_device_has_it(tiny_f32_gguf, v_read, monkeypatch):
+@pytest.mark.parametrize("paths", ["cpu", "fallbacks"])
+def test_flash_attention_decode_reads_v_with_out_prod_where_the_device_has_it(flash_graphs, paths):
     """Single-token steps on flash attention's untransposed V cache: the CPU has out_prod, which sums
-    over the cells without a transposed copy of V; LLAMA_SELF_EXTEND_V_TRANSPOSE=1 forces the
-    transposed copy that devices without out_prod (Metal) take."""
-    if v_read == "transposed":
-        monkeypatch.setenv("LLAMA_SELF_EXTEND_V_TRANSPOSE", "1")
-    extended = graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=True)
-    assert ("OUT_PROD" in extended) == (v_read == "out_prod")
-    assert ("TRANSPOSE" in extended) == (v_read == "transposed")
+    over the cells without a transposed copy of V; devices without it (Metal) transpose V."""
+    ops = set(flash_graphs[paths]["ops"])
+    assert ("OUT_PROD" in ops) == (paths == "cpu")
+    assert ("TRANSPOSE" in ops) == (paths == "fallbacks")

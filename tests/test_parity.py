@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from native_build import fallbacks_lib_dir, run_with_library
 from selfextend_gguf import Llama, max_context, SelfExtend
 from selfextend_gguf.testing.parity import (F32, TOLERANCE, fitting_length, llama_cpp, random_tokens,
                                             reference_logits, tiny_llama)
@@ -61,25 +62,33 @@ def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_re
     assert error <= TOLERANCE, f"max |diff| {error:.2e}"
 
 
-@pytest.mark.parametrize("device_paths", ["cpu", "fallbacks"])
-@pytest.mark.parametrize("group_size,window,n_ubatch", [(4, 16, 32), (3, 10, 64), (2, 8, 7), (8, 40, 32)])
-def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch,
-                                           device_paths, monkeypatch):
-    """flash_attn=True: prefill ubatches go through one flash attention over the doubled head size
-    (patch 0003, build_attn_flash_self_extend), the last 20 tokens are single-token decode steps.
-    On the CPU, V keeps its head size in the flash attention and decode steps read it with out_prod;
-    "fallbacks" forces the paths of devices without those (V padded to the doubled head size,
-    transposed for decode steps)."""
-    if device_paths == "fallbacks":
-        monkeypatch.setenv("LLAMA_SELF_EXTEND_FA_PAD_V", "1")
-        monkeypatch.setenv("LLAMA_SELF_EXTEND_V_TRANSPOSE", "1")
-    n = fitting_length(group_size, window)
-    tokens = random_tokens(n, seed=group_size)
-    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=96, n_ubatch=n_ubatch, flash_attn=True)
+def flash_attention_logits(path, tokens, group_size, window, n_ubatch) -> list:
+    """Logits with flash attention: prefill ubatches, then the last 20 tokens one at a time."""
+    n = len(tokens)
+    llm = tiny_llama(path, n, group_size, window, n_batch=96, n_ubatch=n_ubatch, flash_attn=True)
     llm.eval(tokens[:n - 20])
     for token in tokens[n - 20:]:
         llm.eval([token])
-    error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
+    return np.asarray(llm.scores[:n]).tolist()
+
+
+@pytest.mark.parametrize("device_paths", ["cpu", "fallbacks"])
+@pytest.mark.parametrize("group_size,window,n_ubatch", [(4, 16, 32), (3, 10, 64), (2, 8, 7), (8, 40, 32)])
+def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch,
+                                           device_paths):
+    """flash_attn=True: prefill ubatches go through one flash attention over the doubled head size
+    (patch 0003, build_attn_flash_self_extend), the last 20 tokens are single-token decode steps.
+    On the CPU, V keeps its head size in the flash attention and decode steps read it with out_prod;
+    "fallbacks" runs a build that takes the paths of devices without those (V padded to the doubled
+    head size, transposed for decode steps; native_build.fallbacks_lib_dir), in a child process."""
+    n = fitting_length(group_size, window)
+    tokens = random_tokens(n, seed=group_size)
+    args = (str(tiny_f32_gguf), tokens, group_size, window, n_ubatch)
+    if device_paths == "fallbacks":
+        logits = run_with_library(fallbacks_lib_dir(), "test_parity", "flash_attention_logits", *args)
+    else:
+        logits = flash_attention_logits(*args)
+    error = np.abs(np.asarray(logits) - reference_logits(tiny_reference, tokens, group_size, window)).max()
     assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
 
 

@@ -20,8 +20,9 @@ attention refuses it; without, llama.cpp's own vanilla logits are off by 5.5), s
 the head-64 model. A quantized V cache needs flash attention (llama.cpp refuses it without, checked
 below). With flash_attn=True, prompt ubatches go through one flash attention over the doubled head
 size and single-token steps through the non-flash blocks, which read V (stored untransposed for
-flash attention) with out_prod, or transpose it on the fly on devices without out_prod (forced here
-by LLAMA_SELF_EXTEND_V_TRANSPOSE=1: the cases "flash, V transposed").
+flash attention) with out_prod, or transpose it on the fly on devices without out_prod (the cases
+"flash, V transposed": a build that takes that path, and pads V in flash attention, on every device;
+native_build.fallbacks_lib_dir).
 
 Observed on the CPU (patches of commit b638675; the Q8_0 V rows with the fix in the note below),
 max |logit difference| and mean KL, Self-Extend off -> on:
@@ -42,6 +43,7 @@ ggml_is_quantized(v->type) fixes it; until the patch does, those cases fail (in 
 so a crash fails only them).
 """
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -51,6 +53,7 @@ import numpy as np
 import pytest
 import torch
 
+from native_build import fallbacks_lib_dir
 from selfextend_gguf.testing.parity import fitting_length, llama_cpp, random_tokens, reference_logits, tiny_llama
 
 F16, Q8_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
@@ -112,12 +115,16 @@ np.save(sys.argv[3], run(**json.loads(sys.argv[4])))
 """
 
 
-def run_isolated(path, tokens, group_size, window, type_k, type_v, flash_attn, out):
+def run_isolated(path, tokens, group_size, window, type_k, type_v, flash_attn, out, library_dir=None):
+    """run() in a child process (bound to the libllama in library_dir, if given)."""
     tests = Path(__file__).resolve().parent
     args = dict(path=str(path), tokens=list(tokens), group_size=group_size, window=window, type_k=type_k,
                 type_v=type_v, flash_attn=flash_attn)
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    if library_dir:
+        env["SELFEXTEND_GGUF_LIB_PATH"] = str(library_dir)
     child = subprocess.run([sys.executable, "-c", CHILD, str(tests), str(tests.parent), str(out), json.dumps(args)],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, env=env)
     if child.returncode != 0:
         how = (f"killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0
                else f"exit {child.returncode}")
@@ -137,18 +144,18 @@ def mean_kl(expected, ours):
 
 @pytest.mark.parametrize("group_size,window", [(4, 16), (3, 10)])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_self_extend_error_is_within_the_cache_types_noise(models, case, group_size, window, tmp_path,
-                                                         monkeypatch):
+def test_self_extend_error_is_within_the_cache_types_noise(models, case, group_size, window, tmp_path):
     model, type_k, type_v, attention = case
     flash_attn = attention != "no flash"
-    if attention == "flash, V transposed":
-        monkeypatch.setenv("LLAMA_SELF_EXTEND_V_TRANSPOSE", "1")
     path, reference = models[model]
     n = fitting_length(group_size, window, cap=200)
     tokens = random_tokens(n, seed=11)
 
     off = run(path, tokens, 1, None, type_k, type_v, flash_attn)
-    if type_v == Q8_0:
+    if attention == "flash, V transposed":
+        on = run_isolated(path, tokens, group_size, window, type_k, type_v, flash_attn, tmp_path / "on.npy",
+                          library_dir=fallbacks_lib_dir())
+    elif type_v == Q8_0:
         on = run_isolated(path, tokens, group_size, window, type_k, type_v, flash_attn, tmp_path / "on.npy")
     else:
         on = run(path, tokens, group_size, window, type_k, type_v, flash_attn)
