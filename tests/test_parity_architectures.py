@@ -1,0 +1,98 @@
+"""Exact Self-Extend against the torch reference on each architecture's tiny model (F32 weights, F32
+KV cache, trained context 64; the bar: max |logit difference| <= 1e-3 at every position): prefill in
+ubatches smaller than the prompt, token-by-token decode across window and group boundaries, and
+G = 1 (plain llama.cpp). What only one architecture has stays in its own file: test_parity.py
+(llama: flash attention, rewinds, states, several sequences, RoPE scaling), test_parity_qwen2.py,
+test_parity_gemma3.py (sliding-window layers).
+
+    llama   the llama fixture
+    qwen2   the same weights plus Q/K/V biases, NeoX RoPE, RoPE base 1e6
+    gemma3  sliding-window and global layers (n_swa 10), q/k norms; W must be >= n_swa, and
+            swa_full=False gives the sliding layers their own small cache
+"""
+import numpy as np
+import pytest
+
+from selfextend_gguf.testing.parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
+
+# per architecture: the (G, W) of the prefill and decode cases (odd G with W not a multiple of it,
+# W below and above a ubatch; gemma3's W >= n_swa), the decode length cap, the vanilla length,
+# and Llama arguments that the prefill cases run under (each a case of its own)
+ARCHITECTURES = {
+    "llama": dict(prefill=[(2, 8), (3, 10), (4, 16), (5, 7), (8, 12)], decode=[(3, 10), (4, 16)], decode_cap=200,
+                  n_vanilla=60, prefill_variants=[{}], decode_kwargs={}),
+    "qwen2": dict(prefill=[(2, 8), (3, 10), (5, 7)], decode=[(3, 10), (5, 7)], decode_cap=200,
+                  n_vanilla=60, prefill_variants=[{}], decode_kwargs={}),
+    "gemma3": dict(prefill=[(2, 10), (3, 10), (4, 16), (5, 11), (7, 12)], decode=[(3, 10), (5, 11)], decode_cap=300,
+                   n_vanilla=200, prefill_variants=[{"swa_full": True}, {"swa_full": False}],
+                   decode_kwargs={"swa_full": False}),
+}
+FIXTURES = {"llama": ("tiny_f32_gguf", "tiny_reference"), "qwen2": ("tiny_qwen2_gguf", "tiny_qwen2_reference"),
+            "gemma3": ("tiny_gemma3_gguf", "tiny_gemma3_cpu_gelu_reference")}
+
+
+def model(request, arch):
+    """(GGUF path, reference) of the architecture's tiny model."""
+    path, reference = FIXTURES[arch]
+    return request.getfixturevalue(path), request.getfixturevalue(reference)
+
+
+def prefill_cases():
+    for arch, spec in ARCHITECTURES.items():
+        for group_size, window in spec["prefill"]:
+            for kwargs in spec["prefill_variants"]:
+                label = "-".join(f"{k}={v}" for k, v in kwargs.items())
+                yield pytest.param(arch, group_size, window, kwargs, id=f"{arch}-G{group_size}-W{window}" +
+                                   (f"-{label}" if label else ""))
+
+
+def decode_cases():
+    for arch, spec in ARCHITECTURES.items():
+        for group_size, window in spec["decode"]:
+            yield pytest.param(arch, group_size, window, id=f"{arch}-G{group_size}-W{window}")
+
+
+@pytest.mark.parametrize("arch,group_size,window,kwargs", list(prefill_cases()))
+def test_prefill_in_small_ubatches_matches_reference(request, arch, group_size, window, kwargs):
+    path, reference = model(request, arch)
+    n = fitting_length(group_size, window)
+    tokens = random_tokens(n, seed=group_size)
+    llm = tiny_llama(path, n, group_size, window, n_batch=64, n_ubatch=32, **kwargs)
+    assert (llm.grp_attn_n, llm.grp_attn_w) == (group_size, window)
+    llm.eval(tokens)
+    ours = np.asarray(llm.scores[:n])
+    error = np.abs(ours - reference_logits(reference, tokens, group_size, window)).max()
+    print(f"{arch} prefill G={group_size} W={window} n={n} {kwargs}: max |diff| {error:.2e}")
+    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
+    # Self-Extend changes the result past the window: the test would notice a no-op patch
+    assert np.abs(ours - reference_logits(reference, tokens, 1, None)).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("arch,group_size,window", list(decode_cases()))
+def test_token_by_token_decode_matches_reference(request, arch, group_size, window):
+    path, reference = model(request, arch)
+    spec = ARCHITECTURES[arch]
+    n = fitting_length(group_size, window, cap=spec["decode_cap"])
+    tokens = random_tokens(n, seed=7)
+    llm = tiny_llama(path, n, group_size, window, n_batch=32, n_ubatch=32, **spec["decode_kwargs"])
+    llm.eval(tokens[:40])
+    for token in tokens[40:]:  # one llama_decode per token: cells leave the window one at a time
+        llm.eval([token])
+    ours = np.asarray(llm.scores[:n])
+    error = np.abs(ours - reference_logits(reference, tokens, group_size, window)).max()
+    print(f"{arch} decode G={group_size} W={window} n={n}: max |diff| {error:.2e}")
+    assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
+    assert np.abs(ours - reference_logits(reference, tokens, 1, None)).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_group_size_one_is_vanilla(request, arch):
+    path, reference = model(request, arch)
+    n = ARCHITECTURES[arch]["n_vanilla"]
+    tokens = random_tokens(n, seed=8)
+    llm = tiny_llama(path, max(n, 64), 1, None, n_batch=64, n_ubatch=32)
+    llm.eval(tokens)
+    assert llm.grp_attn_n == 1
+    error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(reference, tokens, 1, None)).max()
+    print(f"{arch} vanilla n={n}: max |diff| {error:.2e}")
+    assert error <= TOLERANCE
