@@ -3,6 +3,7 @@
 For each configuration, in its own process (one libllama per process, fresh caches):
   prefill  - time to evaluate a prompt of --prefill tokens (n_batch = n_ubatch = 512)
   decode   - tokens/s of single-token steps at a filled context of --decode-at tokens
+  (both timed by selfextend_gguf.evaluate.timing, as the evaluation's throughput task times them)
   memory   - KV cache size and compute buffer size, as llama.cpp reports them
 
 Configurations: Self-Extend on (G, W) and off, each with flash attention off and on. Prints a
@@ -21,7 +22,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 CONFIGS = {
     "self-extend": dict(grp_attn_n=4, flash_attn=False),
@@ -40,22 +40,16 @@ def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode
             window: int) -> dict:
     """Runs inside a child process (see main)."""
     import numpy as np
-    from selfextend_gguf import Llama
+    from selfextend_gguf.evaluate import methods, timing  # the evaluation's way of timing
 
-    llm = Llama(model, n_ctx=n_prefill + 16, n_batch=512, n_ubatch=512, n_threads=threads,
-                n_threads_batch=threads, flash_attn=config["flash_attn"], verbose=True,
-                grp_attn_n=config["grp_attn_n"], grp_attn_w=window if config["grp_attn_n"] > 1 else None)
+    method = f"exact-g{config['grp_attn_n']}-w{window}" if config["grp_attn_n"] > 1 else "vanilla"
+    runner = methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads,
+                          flash_attn=config["flash_attn"], n_batch=512, verbose=True)
     tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
-    start = time.perf_counter()
-    llm.eval(tokens)
-    prefill_s = time.perf_counter() - start
-
-    llm.n_tokens = n_decode_at  # rewind to the decode length (cells after it are removed)
-    start = time.perf_counter()
-    for token in tokens[n_decode_at:n_decode_at + n_decode]:
-        llm.eval([token])
-    decode_s = time.perf_counter() - start
-    return dict(prefill_tps=n_prefill / prefill_s, decode_tps=n_decode / decode_s)
+    batches, _ = timing.read_batches(runner, tokens)
+    runner.forget_after(n_decode_at)  # rewind to the decode length (cells after it are removed)
+    decode_s, _ = timing.decode_steps(runner, tokens[n_decode_at], n_decode)
+    return dict(prefill_tps=timing.tokens_per_second(batches), decode_tps=n_decode / decode_s)
 
 
 def parse_memory(log: str) -> dict:

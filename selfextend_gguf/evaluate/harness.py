@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import names, prompts
+from . import names, prompts, timing
 
 TASKS = ("passkey", "needle", "perplexity", "throughput")
 ANSWER_TOKENS = 10
@@ -198,21 +198,15 @@ class Measurer:
         tokens = tokens[:runner.llm.n_ctx() - 16 - DECODE_TOKENS * n_batches]
         runner.forget_after(0)
         getattr(runner, "snapshots", {}).clear()   # time a full prefill, also for chunked
-        curve, prefill_s = [], 0.0
+        curve, read = [], []
         for start in range(0, len(tokens), runner.n_batch):
-            chunk = tokens[start:start + runner.n_batch]
-            depth = len(runner.cached)
-            began = time.perf_counter()
-            token = int(runner.decode(chunk, len(chunk) - 1)[-1].argmax())
-            seconds = time.perf_counter() - began
-            prefill_s += seconds
+            batch, token = timing.read_batches(runner, tokens[start:start + runner.n_batch])
             decode_depth = len(runner.cached)
-            began = time.perf_counter()
-            for _ in range(DECODE_TOKENS):
-                token = int(runner.decode([token], 0)[-1].argmax())
-            curve.append({"depth": depth, "prefill_tps": len(chunk) / seconds, "decode_depth": decode_depth,
-                          "decode_tps": DECODE_TOKENS / (time.perf_counter() - began)})
-        return {"n_prefill": len(tokens), "prefill_tps": len(tokens) / prefill_s,
+            decode_s, _ = timing.decode_steps(runner, token, DECODE_TOKENS)
+            read += batch
+            curve.append({"depth": batch[0]["depth"], "prefill_tps": timing.tokens_per_second(batch),
+                          "decode_depth": decode_depth, "decode_tps": DECODE_TOKENS / decode_s})
+        return {"n_prefill": len(tokens), "prefill_tps": timing.tokens_per_second(read),
                 "decode_tps": curve[-1]["decode_tps"], "n_decode": DECODE_TOKENS, "curve": curve}
 
 

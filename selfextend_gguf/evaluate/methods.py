@@ -222,51 +222,53 @@ class ChunkedRunner(Runner):
 
 # ---------------------------------------------------------------------- one function per method
 
-def _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, **kwargs) -> Llama:
+def _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, verbose=False, **kwargs) -> Llama:
     return Llama(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                  n_batch=n_batch, n_ubatch=min(N_UBATCH, n_batch), flash_attn=flash_attn,
-                 verbose=False, **kwargs)
+                 verbose=verbose, **kwargs)
 
 
-def vanilla(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH) -> Runner:
-    return Runner("vanilla", _llama(model_path, length, n_threads, flash_attn, n_batch), n_batch)
+# each method: (model_path, length, n_threads, flash_attn, n_batch, its own options, verbose) -> Runner
+
+def vanilla(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False) -> Runner:
+    return Runner("vanilla", _llama(model_path, length, n_threads, flash_attn, n_batch, verbose), n_batch)
 
 
-def sink(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, n_sink=N_SINK) -> Runner:
+def sink(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, n_sink=N_SINK, verbose=False) -> Runner:
     n_train = read_model_info(model_path).n_ctx_train
     n_ctx = min(length, n_train)
-    llm = _llama(model_path, n_ctx, n_threads, flash_attn, n_batch)
+    llm = _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, verbose)
     return SinkRunner("sink", llm, keep=n_ctx - 16, n_sink=n_sink, n_batch=n_batch)
 
 
-def _rope_scaled(name, scaling_type, model_path, length, n_threads, flash_attn, n_batch, **extra):
+def _rope_scaled(name, scaling_type, model_path, length, n_threads, flash_attn, n_batch, verbose, **extra):
     n_train = read_model_info(model_path).n_ctx_train
     scale = min(1.0, n_train / length)
-    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, rope_scaling_type=scaling_type,
+    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, rope_scaling_type=scaling_type,
                  rope_freq_scale=scale, **extra)
     return Runner(name, llm, n_batch)
 
 
-def linear(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH) -> Runner:
+def linear(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False) -> Runner:
     return _rope_scaled("linear", llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR, model_path, length,
-                        n_threads, flash_attn, n_batch)
+                        n_threads, flash_attn, n_batch, verbose)
 
 
-def yarn(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH) -> Runner:
+def yarn(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False) -> Runner:
     n_train = read_model_info(model_path).n_ctx_train
     return _rope_scaled("yarn", llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN, model_path, length,
-                        n_threads, flash_attn, n_batch, yarn_orig_ctx=n_train)
+                        n_threads, flash_attn, n_batch, verbose, yarn_orig_ctx=n_train)
 
 
 def chunked(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH,
-            group_size=CHUNKED_DEFAULT[0], window=CHUNKED_DEFAULT[1]) -> Runner:
-    llm = _llama(model_path, length, n_threads, flash_attn, n_batch)
+            group_size=CHUNKED_DEFAULT[0], window=CHUNKED_DEFAULT[1], verbose=False) -> Runner:
+    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose)
     return ChunkedRunner(f"chunked-g{group_size}-w{window}", llm, group_size, window, n_batch)
 
 
 def exact(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH,
-          group_size="auto", window=None) -> Runner:
-    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, grp_attn_n=group_size,
+          group_size="auto", window=None, verbose=False) -> Runner:
+    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, grp_attn_n=group_size,
                  grp_attn_w=window)
     name = "exact-auto" if group_size == "auto" else f"exact-g{group_size}-w{llm.grp_attn_w}"
     return Runner(name, llm, n_batch)
@@ -277,9 +279,11 @@ BUILDERS = {"vanilla": vanilla, "sink": sink, "linear": linear, "yarn": yarn, "c
 
 
 def make(name: str, model_path, length: int, n_threads: int = 2, flash_attn: bool = True,
-         n_batch: int = N_BATCH) -> Runner:
+         n_batch: int = N_BATCH, verbose: bool = False) -> Runner:
+    """The runner of a method name (names.parse); verbose: llama.cpp's logs (bench_speed reads its
+    buffer sizes there)."""
     method, options = parse(name)
     runner = BUILDERS[method](model_path, length, n_threads=n_threads, flash_attn=flash_attn,
-                              n_batch=n_batch, **options)
+                              n_batch=n_batch, verbose=verbose, **options)
     runner.name = name
     return runner
