@@ -3,6 +3,7 @@ tiny fixture model: trained context 64, so a few hundred tokens of document need
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -302,7 +303,10 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_f32_gguf, document):
     pexpect = pytest.importorskip("pexpect")
     arguments = ["-m", "selfextend_gguf", "chat", "--model", tiny_f32_gguf, "--doc", document, "-n", 100000,
                  "--temp", 0]
-    child = pexpect.spawn(sys.executable, list(map(str, arguments)), env=cli_env(), encoding="utf-8", timeout=60)
+    # a job started with & by a non-interactive shell (e.g. a CI script run in the background) inherits
+    # SIGINT ignored, and then Python ignores it too: give the chat the default Ctrl-C, as a terminal does
+    child = pexpect.spawn(sys.executable, list(map(str, arguments)), env=cli_env(), encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("> ")
     child.sendline("Why?")  # the tiny model's greedy answer runs for about 1,300 tokens
     child.expect(r"Why\?\r*\n")  # the echoed question
