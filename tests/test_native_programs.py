@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfextend_gguf._native import lib_dir, program_path
+from selfextend_gguf.testing.parity import greedy_tokens
 
 GROUP, WINDOW, N_CTX, N_PREDICT = 4, 16, 208, 16
 TIMEOUT = 120
@@ -28,12 +29,7 @@ def greedy_python(model, prompt_tokens, group_size, n=N_PREDICT) -> bytes:
 
     llm = Llama(str(model), n_ctx=N_CTX, grp_attn_n=group_size, grp_attn_w=WINDOW, verbose=False)
     try:
-        out = []
-        for token in llm.generate(prompt_tokens, top_k=1, temp=0.0, repeat_penalty=1.0):
-            if llm._token_eos == token or len(out) == n:
-                break
-            out.append(token)
-        return llm.detokenize(out)
+        return llm.detokenize(greedy_tokens(llm, prompt_tokens, n))
     finally:
         llm.close()
 

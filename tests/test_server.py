@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 
+from selfextend_gguf.testing.parity import greedy_tokens
+
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX, GROUP, WINDOW, N_CTX_TRAIN, N_PARALLEL = 208, 4, 16, 64, 4
 N_PREDICT = 16
@@ -138,12 +140,7 @@ def greedy(llm, prompt_tokens, n=N_PREDICT, group_size=GROUP) -> list[int]:
     llm.reset()
     llm.set_self_extend(group_size, WINDOW)
     try:
-        out = []
-        for token in llm.generate(prompt_tokens, top_k=1, temp=0.0, repeat_penalty=1.0):
-            out.append(token)
-            if llm._token_eos == token or len(out) == n:
-                break
-        return out
+        return greedy_tokens(llm, prompt_tokens, n)
     finally:
         llm.set_self_extend(GROUP, WINDOW)
 

@@ -32,6 +32,18 @@ def reference_logits(reference, tokens, group_size, window) -> np.ndarray:
         return reference.forward(torch.tensor(tokens), mode=mode, group_size=group_size, window=window).numpy()
 
 
+def greedy_tokens(llm, prompt_tokens, n) -> list[int]:
+    """Up to n greedy tokens of llm (a llama_cpp.Llama) after prompt_tokens, an end-of-generation
+    token included, last, where there is one: as llama-server's "tokens" list them (it detokenizes
+    to nothing, as llama.cpp's programs print it)."""
+    out = []
+    for token in llm.generate(prompt_tokens, top_k=1, temp=0.0, repeat_penalty=1.0):
+        out.append(token)
+        if token == llm._token_eos or len(out) == n:
+            break
+    return out
+
+
 def fitting_length(group_size, window, n_ctx_train=64, cap=300) -> int:
     """The longest context these settings reach on the tiny models, at most cap."""
     return min(cap, max_context(n_ctx_train, SelfExtend(group_size, window)))
