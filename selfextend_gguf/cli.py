@@ -26,7 +26,8 @@ from . import settings
 from .documents import load_documents, read_text_file
 from .gguf_info import read_model_info
 from .models import ModelNotInstalledError, default_model_path
-from .serve import add_serve_arguments, group_size_arg, positive_int_arg
+from .serve import add_serve_arguments
+from .settings import group_size_arg, positive_int_arg
 
 PROG = "selfextend-gguf"
 RUN_TOKENS = 256       # -n default for run

@@ -27,41 +27,20 @@ DEFAULT_PORT = 8080
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def group_size_arg(text: str) -> int | str:
-    """--grp-attn-n: 'auto' or an integer >= 1."""
-    if text == "auto":
-        return text
-    try:
-        return positive_int_arg(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {text!r}") from None
-
-
-def positive_int_arg(text: str) -> int:
-    """An integer >= 1 (the CLI's commands share these argument types)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", "-m", metavar="PATH",
                         help="GGUF file to serve (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--ctx", "-c", dest="n_ctx", type=positive_int_arg, metavar="N",
+    parser.add_argument("--ctx", "-c", dest="n_ctx", type=settings.positive_int_arg, metavar="N",
                         help="context of each slot in tokens, the longest prompt + completion "
                              "(default: twice the model's trained context)")
-    parser.add_argument("--parallel", "-np", type=positive_int_arg, default=1, metavar="N",
+    parser.add_argument("--parallel", "-np", type=settings.positive_int_arg, default=1, metavar="N",
                         help="slots answering at once, by continuous batching (default: 1)")
-    parser.add_argument("--grp-attn-n", dest="grp_attn_n", type=group_size_arg, default="auto", metavar="G|auto",
+    parser.add_argument("--grp-attn-n", dest="grp_attn_n", type=settings.group_size_arg, default="auto", metavar="G|auto",
                         help="Self-Extend group size: 'auto' (default) turns it on, with G and W picked from "
                              "--ctx, when --ctx is longer than the trained context; 1 = off")
-    parser.add_argument("--grp-attn-w", dest="grp_attn_w", type=positive_int_arg, metavar="W",
+    parser.add_argument("--grp-attn-w", dest="grp_attn_w", type=settings.positive_int_arg, metavar="W",
                         help="Self-Extend neighbor window (default: min(1024, trained context / 8))")
-    parser.add_argument("--threads", "-t", type=positive_int_arg, metavar="N",
+    parser.add_argument("--threads", "-t", type=settings.positive_int_arg, metavar="N",
                         help="threads (default: llama-server's, the CPU's cores)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
@@ -96,7 +75,6 @@ def server_command(args: argparse.Namespace) -> list[str]:
     if args.api_key:
         command += ["--api-key", args.api_key]
     if args.state_dir:
-        os.makedirs(args.state_dir, exist_ok=True)
         command += ["--slot-save-path", args.state_dir]
     if args.verbose:
         command.append("--verbose")
@@ -108,6 +86,8 @@ def serve(args: argparse.Namespace) -> int:
     """Become llama-server (exec); returns only on bad settings (2)."""
     try:
         command = server_command(args)
+        if args.state_dir:
+            os.makedirs(args.state_dir, exist_ok=True)
     except (ValueError, OSError) as error:  # OSError: missing model file or program
         print(f"selfextend-gguf serve: error: {error}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ before loading a model.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 # the paper's rule: keep W + (n_ctx - W) / G at most about 1/2 to 2/3 of the trained context
@@ -146,3 +147,26 @@ def smallest_group_size(n_ctx: int, n_ctx_train: int, window: int, fraction: flo
 def default_window(n_ctx_train: int, sliding_window: int | None = None) -> int:
     """W = min(1024, L/8), and at least the sliding window of a model that has one (see validate)."""
     return max(1, min(AUTO_MAX_WINDOW, n_ctx_train // 8), sliding_window or 0)
+
+
+# ----------------------------------------------------------------------------- the CLI's flags
+
+def group_size_arg(text: str) -> int | str:
+    """--grp-attn-n: 'auto' or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {text!r}") from None
+
+
+def positive_int_arg(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfextend_gguf._native import lib_dir, program_path
+from selfextend_gguf.settings import SelfExtend, max_context
 from selfextend_gguf.testing.parity import greedy_tokens
 
 GROUP, WINDOW, N_CTX, N_PREDICT = 4, 16, 208, 16
@@ -118,6 +119,21 @@ def test_bad_self_extend_flags_stop_at_start_up(tiny_f32_gguf, program, args, me
     assert done.returncode > 0, text[-2000:]  # an exit status, not a signal (no abort, no core dump)
     assert message in text, text[-2000:]
     assert "core dumped" not in text and "GGML_ASSERT" not in text
+
+
+@pytest.mark.parametrize("program,n_seq", [("llama-completion", 1), ("llama-server", 4)])
+def test_a_context_beyond_the_reach_suggests_the_smallest_group_size_that_reaches_it(tiny_f32_gguf, program, n_seq):
+    """llama-server's 4 default slots share -c; the suggestion matches the Python resolver's reach."""
+    n_ctx_seq = 1000 // n_seq
+    smallest = next(g for g in range(2, 1024) if max_context(64, SelfExtend(g, 16)) >= n_ctx_seq)
+    extra = ["-p", "hi", "-n", "1", "-no-cnv"] if program == "llama-completion" else ["--port", "0"]
+    done = run_program(program, "-m", tiny_f32_gguf, "--no-warmup", "--grp-attn-n", "2", "--grp-attn-w", "16",
+                       "-c", "1000", *extra, timeout=60)
+    text = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode > 0
+    assert f"the context of {n_ctx_seq} tokens per sequence" in text, text[-2000:]
+    assert f"use --grp-attn-n {smallest} or more" in text, text[-2000:]
+    assert max_context(64, SelfExtend(smallest - 1, 16)) < n_ctx_seq
 
 
 def test_import_llama_cpp_loads_the_patched_library():
