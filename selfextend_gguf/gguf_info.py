@@ -1,5 +1,5 @@
 """What selfextend_gguf needs to know about a GGUF file before llama.cpp loads it, and the metadata
-readers that the torch reference's loaders (reference/gguf_loader.py, reference/gemma3.py) share."""
+readers that the torch reference's loader (reference/gguf_loader.py) uses too."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -94,7 +94,7 @@ def tiny_gemma3_gguf(tiny_gguf_dir, make_tiny_gguf):
 
 @pytest.fixture(scope="session")
 def tiny_gemma3_reference(tiny_gemma3_gguf):
-    """Gemma3Model of the tiny gemma3 file in float64, exact GELU (as transformers computes it)."""
+    """ReferenceModel of the tiny gemma3 file in float64, exact GELU (as transformers computes it)."""
     import torch
     from selfextend_gguf.reference import ReferenceModel
     return ReferenceModel.from_gguf(tiny_gemma3_gguf, dtype=torch.float64)
@@ -105,8 +105,8 @@ def tiny_gemma3_cpu_gelu_reference(tiny_gemma3_gguf):
     """The tiny Gemma 3 in float64 with llama.cpp's CPU GELU (a float16 table): what the parity
     tests compare llama.cpp with (the exact GELU moves the tiny model's logits by up to ~8e-4)."""
     import torch
-    from selfextend_gguf.reference.gemma3 import Gemma3Model
-    return Gemma3Model.from_gguf(tiny_gemma3_gguf, dtype=torch.float64, ffn_gelu="ggml_cpu")
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_gemma3_gguf, dtype=torch.float64, ffn_gelu="ggml_cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
 """Self-Extend on Gemma 3 (iSWA KV cache): the patched llama.cpp against the torch reference.
 
 llama.cpp keeps Gemma 3's sliding-window layers in their own KV cache and applies Self-Extend to
-the global layers only; the reference (reference/gemma3.py) does the same, and
+the global layers only; the reference (reference/model.py) does the same, and
 test_reference_gemma3.py shows that this equals Self-Extend on every layer when W >= n_swa, the
 only settings llama.cpp accepts. The tiny fixture (conftest.py): 4 layers, 0 and 2 sliding (n_swa
 10), 1 and 3 global, trained context 64, F32 weights; with an F32 KV cache the bar is the llama
 parity's, max |logit difference| <= 1e-3 at every position. The reference reproduces llama.cpp's CPU
-GELU (a float16 table, reference/gemma3.py gelu_ggml_cpu): with the exact GELU the tiny model's
+GELU (a float16 table, reference/model.py gelu_ggml_cpu): with the exact GELU the tiny model's
 logits move by up to ~8e-4 (measured), too close to the bar. Its prefill (swa_full on and off),
 decode and G = 1 cases are in test_parity_architectures.py; here, what is Gemma 3's own.
 """
@@ -17,8 +17,7 @@ import torch
 from selfextend_gguf import Llama, settings
 from selfextend_gguf._native import load_llama_cpp
 from selfextend_gguf.gguf_info import read_model_info
-from selfextend_gguf.reference import ReferenceModel
-from selfextend_gguf.reference.gemma3 import Gemma3Model
+from selfextend_gguf.reference import ARCHITECTURES, ReferenceModel
 from selfextend_gguf.testing.parity import TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
 
 llama_cpp = load_llama_cpp()
@@ -42,7 +41,7 @@ def test_regrouped_global_cache_matches_reference(tmp_path, make_tiny_gguf):
     re-rotates the global layer's grouped K; the sliding layer's cache is left alone) must give
     exactly the reference's logits for the new G from then on."""
     path = make_tiny_gguf.write_tiny_gemma3(tmp_path / "two-layer-gemma3.gguf", n_layer=2)
-    reference = Gemma3Model.from_gguf(path, dtype=torch.float64, ffn_gelu="ggml_cpu")
+    reference = ReferenceModel.from_gguf(path, dtype=torch.float64, ffn_gelu="ggml_cpu")
     assert reference.hparams.swa_layers == (True, False)
     tokens = random_tokens(200, seed=9)
     llm = tiny_llama(path, 200, 4, 12, n_batch=64, n_ubatch=64)
@@ -96,13 +95,15 @@ def test_default_window_covers_sliding_window(tiny_gemma3_gguf):
 @pytest.mark.parametrize("fixture", ["tiny_f32_gguf", "tiny_qwen2_gguf"])
 def test_models_without_sliding_window_are_unaffected(request, fixture):
     """The llama and qwen2 fixtures have no sliding window: no W >= n_swa rule, W below 10 (the
-    gemma3 fixture's n_swa) is fine and exact, and ReferenceModel.from_gguf still gives a plain
-    ReferenceModel."""
+    gemma3 fixture's n_swa) is fine and exact, and ReferenceModel.from_gguf still gives their plain
+    decoder (no sliding layers, none of Gemma 3's options)."""
     path = request.getfixturevalue(fixture)
     assert read_model_info(path).sliding_window is None
     assert settings.default_window(64, None) == 8
     reference = ReferenceModel.from_gguf(path, dtype=torch.float64)
-    assert type(reference) is ReferenceModel
+    hp = reference.hparams
+    assert hp.options is ARCHITECTURES[hp.architecture] != ARCHITECTURES["gemma3"]
+    assert (hp.sliding_window, any(hp.swa_layers), hp.options.qk_norm, hp.options.post_norms) == (0,) + (False,) * 3
     group_size, window = 3, 6
     n = fitting_length(group_size, window, cap=150)
     tokens = random_tokens(n, seed=12)

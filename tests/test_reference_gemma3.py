@@ -1,4 +1,4 @@
-"""The Gemma 3 reference (selfextend_gguf/reference/gemma3.py) on the tiny gemma3 fixture: what it
+"""The reference decoder (selfextend_gguf/reference/model.py) on the tiny gemma3 fixture: what it
 reads from the file, that it matches transformers' Gemma3ForCausalLM on the same weights, and the
 claim the patched llama.cpp is built on: with W >= n_swa, Self-Extend on the global layers only
 equals Self-Extend on every layer.
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from selfextend_gguf.gguf_info import read_model_info
-from selfextend_gguf.reference import ReferenceModel
-from selfextend_gguf.reference.gemma3 import (Gemma3Model, gelu_ggml_cpu, gelu_tanh, sliding_layers,
-                                              sliding_window_mask)
+from selfextend_gguf.reference import ARCHITECTURES, ReferenceModel
+from selfextend_gguf.reference.attention import sliding_window_mask
+from selfextend_gguf.reference.gguf_loader import sliding_layers
+from selfextend_gguf.reference.model import gelu_ggml_cpu, gelu_tanh
 
 N_SWA = 10  # the fixture's sliding window
 
@@ -33,8 +34,10 @@ def test_tiny_gemma3_file_is_what_llama_cpp_reads(tiny_gemma3_gguf, tiny_gemma3_
 
     assert read_model_info(tiny_gemma3_gguf).sliding_window == N_SWA
     model = tiny_gemma3_reference
-    assert type(model) is Gemma3Model and model.tied_output
     hp = model.hparams
+    assert hp.architecture == "gemma3" and hp.options is ARCHITECTURES["gemma3"] and model.tied_output
+    assert (hp.options.qk_norm, hp.options.post_norms, hp.options.ffn_act, hp.options.embd_scale) == (
+        True, True, "gelu", True)
     assert hp.swa_layers == (True, False, True, False)
     assert (hp.sliding_window, hp.head_dim, hp.rope_neox) == (N_SWA, 32, True)
     assert hp.attention_scale == 1 / math.sqrt(32)
@@ -45,11 +48,12 @@ def test_sliding_layer_pattern_as_llama_cpp_sets_it(tmp_path, make_tiny_gguf):
     """No pattern key (as the HF converter writes Gemma 3): llama.cpp's default, every 6th layer global."""
     path = make_tiny_gguf.write_tiny_gemma3(tmp_path / "six.gguf", n_layer=6, swa_pattern=None)
     assert ReferenceModel.from_gguf(path).hparams.swa_layers == (True,) * 5 + (False,)
-    assert sliding_layers(7, 512, None) == (True,) * 5 + (False, True)
-    assert sliding_layers(4, 512, 2) == (True, False, True, False)
-    assert sliding_layers(3, 512, 0) == (True, True, True)
-    assert sliding_layers(3, 512, [False, True, False]) == (False, True, False)
-    assert sliding_layers(3, 0, 2) == (False, False, False)  # no sliding window: every layer global
+    assert ARCHITECTURES["gemma3"].swa_pattern == 6
+    assert sliding_layers(7, 512, None, 6) == (True,) * 5 + (False, True)
+    assert sliding_layers(4, 512, 2, 6) == (True, False, True, False)
+    assert sliding_layers(3, 512, 0, 6) == (True, True, True)
+    assert sliding_layers(3, 512, [False, True, False], 6) == (False, True, False)
+    assert sliding_layers(3, 0, 2, 6) == (False, False, False)  # no sliding window: every layer global
 
 
 def test_sliding_window_mask_is_llama_cpp_standard_swa():
@@ -111,7 +115,8 @@ def test_chunked_mode_is_refused(tiny_gemma3_reference):
 def test_float32_copy(tiny_gemma3_reference):
     tokens = random_tokens(100)
     model32 = tiny_gemma3_reference.to(torch.float32)
-    assert type(model32) is Gemma3Model and model32.tied_output
+    assert model32.hparams is tiny_gemma3_reference.hparams and model32.tied_output
+    assert (model32.rope_swa, model32.ffn_gelu) == (tiny_gemma3_reference.rope_swa, tiny_gemma3_reference.ffn_gelu)
     with torch.no_grad():
         assert (model32.forward(tokens).double() - tiny_gemma3_reference.forward(tokens)).abs().max() <= 1e-3
 

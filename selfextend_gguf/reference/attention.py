@@ -1,10 +1,12 @@
-"""Causal attention with RoPE: vanilla, exact Self-Extend, and llama-completion's chunked variant.
+"""Causal attention with RoPE: vanilla, exact Self-Extend, and llama-completion's chunked variant;
+layer_attention, the one a decoder layer calls (optionally within a sliding window).
 
 All functions take q, k, v as projected BEFORE RoPE, one sequence, heads first:
     q: [n_head, n_q, head_dim]    k, v: [n_head_kv, n_k, head_dim]    (n_head % n_head_kv == 0)
     q_pos: [n_q], k_pos: [n_k] integer positions
 and return [n_head, n_q, head_dim]. Query head h reads key/value head h // (n_head / n_head_kv),
-as llama.cpp and transformers do. A key is visible to a query when k_pos <= q_pos.
+as llama.cpp and transformers do. A key is visible to a query when k_pos <= q_pos (and, with
+sliding_window = n_swa > 0, q_pos - k_pos < n_swa).
 Float32 and float64 inputs are computed in their own dtype.
 """
 import math
@@ -71,7 +73,18 @@ def softmax_attend(scores, visible, v):
     return probs @ expand_kv_heads(v, scores.shape[0])    # [n_head, n_q, d]
 
 
-def vanilla_attention(q, k, v, q_pos, k_pos, rope=None, scale=None, k_rope_pos=None):
+def sliding_window_mask(q_pos, k_pos, sliding_window):
+    """[n_q, n_k] bool, True where q - k < n_swa (llama.cpp's LLAMA_SWA_TYPE_STANDARD, is_masked_swa)."""
+    return neighbor_mask(q_pos, k_pos, sliding_window)  # the same test as the neighbor window's
+
+
+def visible_mask(q_pos, k_pos, sliding_window=0):
+    """[n_q, n_k] bool: the causal mask, within the sliding window if sliding_window > 0."""
+    visible = causal_mask(q_pos, k_pos)
+    return visible & sliding_window_mask(q_pos, k_pos, sliding_window) if sliding_window else visible
+
+
+def vanilla_attention(q, k, v, q_pos, k_pos, rope=None, scale=None, k_rope_pos=None, sliding_window=0):
     """Standard causal RoPE attention at the given positions.
 
     k_rope_pos: rotate the keys to these positions instead of k_pos (masking still uses
@@ -81,10 +94,10 @@ def vanilla_attention(q, k, v, q_pos, k_pos, rope=None, scale=None, k_rope_pos=N
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     k_rope_pos = k_pos if k_rope_pos is None else k_rope_pos
     scores = rotated_scores(q, k, q_pos, k_rope_pos, rope, scale)
-    return softmax_attend(scores, causal_mask(q_pos, k_pos), v)
+    return softmax_attend(scores, visible_mask(q_pos, k_pos, sliding_window), v)
 
 
-def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, scale=None):
+def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, scale=None, sliding_window=0):
     """Exact Self-Extend (bi-level attention, paper Algorithm 1).
 
     Each (query, key) pair takes its score from one of two RoPE attentions:
@@ -98,7 +111,16 @@ def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, 
     rope = rope or default_rope(q.shape[-1])
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale)
-    return softmax_attend(scores, causal_mask(q_pos, k_pos), v)
+    return softmax_attend(scores, visible_mask(q_pos, k_pos, sliding_window), v)
+
+
+def layer_attention(q, k, v, q_pos, k_pos, rope, scale, sliding_window=0, group_size=1, window=None,
+                    k_rope_pos=None):
+    """One decoder layer's attention: exact Self-Extend where group_size > 1, vanilla otherwise
+    (keys rotated to k_rope_pos if given); sliding_window > 0 also hides keys with q - k >= it."""
+    if group_size > 1:
+        return self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope, scale, sliding_window)
+    return vanilla_attention(q, k, v, q_pos, k_pos, rope, scale, k_rope_pos, sliding_window)
 
 
 def self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale):

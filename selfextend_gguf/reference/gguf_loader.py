@@ -1,13 +1,15 @@
-"""Read a llama- or qwen2-architecture GGUF file with the `gguf` package: hyperparameters and
-dequantized tensors.
+"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, gemma3) with the
+`gguf` package: hyperparameters (HParams, with the architecture's ArchOptions) and dequantized tensors.
 
 Tensors come back in torch order (the reverse of ggml's ne): a weight of ggml shape
 [n_in, n_out] is returned as [n_out, n_in], so that y = x @ W.T. The Q and K weights (and
 biases) are kept exactly as stored, i.e. in the layout llama.cpp expects for the
-architecture's RoPE (ROPE_NEOX below).
+architecture's RoPE (ArchOptions.rope_neox).
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from gguf import GGUFReader
@@ -15,18 +17,48 @@ from gguf.quants import dequantize
 
 from ..gguf_info import field, rope_scaling
 
-# the RoPE layout llama.cpp uses for each supported architecture (llama_model_rope_type):
-# llama LLAMA_ROPE_TYPE_NORM (adjacent pairs), qwen2 LLAMA_ROPE_TYPE_NEOX (halves)
-ROPE_NEOX = {"llama": False, "qwen2": True}
-SUPPORTED_ARCHITECTURES = tuple(ROPE_NEOX)
-
 
 class GGUFError(ValueError):
     """A GGUF file that the reference cannot load; the message names the file and the problem."""
 
 
+def head_dim_attention_scale(n_layer, n_embd, n_head, head_dim):
+    """1/sqrt(head_dim), the attention scale of most architectures."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def gemma3_attention_scale(n_layer, n_embd, n_head, head_dim):
+    """gemma3.cpp: the 27B model (62 layers) scales by 1/sqrt(n_embd / n_head), the others 1/sqrt(head_dim)."""
+    return 1.0 / math.sqrt(n_embd // n_head if n_layer == 62 else head_dim)
+
+
 @dataclass(frozen=True)
-class LlamaHParams:
+class ArchOptions:
+    """What an architecture changes in the llama decoder (reference/model.py applies these), as
+    llama.cpp's src/models/<arch>.cpp and llama_model::load_hparams have it."""
+    rope_neox: bool = False           # llama_model_rope_type: NEOX (x[i], x[i + n_rot/2]), else NORM (x[2i], x[2i+1])
+    qk_norm: bool = False             # per-head RMSNorm of Q and K before RoPE (attn_q_norm, attn_k_norm)
+    post_norms: bool = False          # RMSNorm of the attention and FFN outputs (post_attention_norm, post_ffw_norm)
+    ffn_act: str = "silu"             # the FFN's gate: "silu" (SwiGLU) or "gelu" (GELU(tanh), GeGLU)
+    embd_scale: bool = False          # token embeddings times sqrt(n_embd)
+    swa_pattern: Optional[int] = None  # llama.cpp's default sliding_window_pattern; None: no sliding layers
+    rope_base_swa: float = 10000.0    # default rope.freq_base_swa (the sliding layers' RoPE base)
+    logit_softcapping: bool = False   # reads final_logit_softcapping
+    # (n_layer, n_embd, n_head, head_dim) -> the scores' scale
+    attention_scale: Callable[[int, int, int, int], float] = head_dim_attention_scale
+
+
+# Adding an architecture: a row here (and the options it needs, in ArchOptions and model.py).
+ARCHITECTURES = {
+    "llama": ArchOptions(),
+    "qwen2": ArchOptions(rope_neox=True),  # + Q/K/V biases, which any file may carry (model.py)
+    "gemma3": ArchOptions(rope_neox=True, qk_norm=True, post_norms=True, ffn_act="gelu", embd_scale=True,
+                          swa_pattern=6, logit_softcapping=True, attention_scale=gemma3_attention_scale),
+}
+
+
+@dataclass(frozen=True)
+class HParams:
     n_vocab: int
     n_embd: int
     n_layer: int
@@ -38,13 +70,19 @@ class LlamaHParams:
     rms_eps: float
     rope_dims: int
     rope_base: float
-    rope_freq_scale: float    # 1 / linear scaling factor
-    architecture: str = "llama"
+    rope_freq_scale: float           # 1 / linear scaling factor
+    architecture: str                # general.architecture, a key of ARCHITECTURES
+    options: ArchOptions             # ARCHITECTURES[architecture]
+    attention_scale: float           # the scores' scale (llama.cpp's f_attention_scale)
+    sliding_window: int              # n_swa; 0: no sliding-window layers
+    swa_layers: Tuple[bool, ...]     # per layer, True for a sliding-window layer
+    rope_base_swa: float             # RoPE base of the sliding-window layers
+    final_logit_softcapping: float   # 0: none
 
     @property
     def rope_neox(self) -> bool:
         """True where llama.cpp rotates (x[i], x[i + n_rot/2]) pairs, False for (x[2i], x[2i+1])."""
-        return ROPE_NEOX[self.architecture]
+        return self.options.rope_neox
 
 
 def open_gguf(path):
@@ -80,26 +118,42 @@ def architecture(reader):
     return arch
 
 
-def read_llama_hparams(reader, path=""):
-    """LlamaHParams from the {arch}.* metadata keys (llama, qwen2: the same keys and meaning);
-    raises GGUFError for other architectures."""
-    arch = architecture(reader)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(f"{path}: unsupported architecture {arch!r}; the reference decoder "
-                        f"supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+def sliding_layers(n_layer, sliding_window, pattern, default_pattern):
+    """Per layer, True for a sliding-window layer, as llama.cpp's load_swa_pattern decides.
 
-    def required(key):
-        value = field(reader, f"{arch}.{key}")
-        if value is None:
-            raise GGUFError(f"{path}: missing metadata key {arch}.{key}")
-        if isinstance(value, list):
+    pattern: the {arch}.attention.sliding_window_pattern value: absent (None) -> default_pattern
+    (the architecture's); an int n -> layer i slides iff i % n < n - 1 (every n-th layer is global;
+    0: every layer slides); a list of bools -> as listed. Without a sliding window (0) no layer slides.
+    """
+    if not sliding_window:
+        return (False,) * n_layer
+    if isinstance(pattern, list):
+        if len(pattern) < n_layer:
+            raise GGUFError(f"sliding_window_pattern has {len(pattern)} entries for {n_layer} layers")
+        return tuple(bool(p) for p in pattern[:n_layer])
+    n = default_pattern if pattern is None else int(pattern)
+    return tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
+
+
+def read_hparams(reader, path=""):
+    """HParams from the {arch}.* metadata keys, as llama.cpp reads them for the architectures of
+    ARCHITECTURES; raises GGUFError for others."""
+    arch = architecture(reader)
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: unsupported architecture {arch!r}; the reference decoder "
+                        f"supports {', '.join(ARCHITECTURES)}")
+    options = ARCHITECTURES[arch]
+
+    def optional(key, default=None, per_layer=False):
+        value = field(reader, f"{arch}.{key}", default)
+        if isinstance(value, list) and not per_layer:
             raise GGUFError(f"{path}: per-layer {arch}.{key} is not supported")
         return value
 
-    def optional(key, default):
-        value = field(reader, f"{arch}.{key}", default)
-        if isinstance(value, list):
-            raise GGUFError(f"{path}: per-layer {arch}.{key} is not supported")
+    def required(key):
+        value = optional(key)
+        if value is None:
+            raise GGUFError(f"{path}: missing metadata key {arch}.{key}")
         return value
 
     if optional("expert_count", 0):
@@ -107,16 +161,21 @@ def read_llama_hparams(reader, path=""):
     rope_freq_scale = supported_rope_freq_scale(reader, arch, path)
 
     n_embd, n_head = int(required("embedding_length")), int(required("attention.head_count"))
+    n_layer = int(required("block_count"))
     head_dim = int(optional("attention.key_length", n_embd // n_head))
     if int(optional("attention.value_length", head_dim)) != head_dim:
         raise GGUFError(f"{path}: key_length != value_length is not supported")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise GGUFError(f"{path}: missing tensor token_embd.weight")
-    return LlamaHParams(
+    rope_base = float(optional("rope.freq_base", 10000.0))
+    swa = options.swa_pattern is not None  # the architecture has sliding-window layers
+    sliding_window = int(optional("attention.sliding_window", 0) or 0) if swa else 0
+    pattern = optional("attention.sliding_window_pattern", per_layer=True) if swa else None
+    return HParams(
         n_vocab=int(optional("vocab_size", int(embd.shape[1]))),
         n_embd=n_embd,
-        n_layer=int(required("block_count")),
+        n_layer=n_layer,
         n_head=n_head,
         n_head_kv=int(optional("attention.head_count_kv", n_head)),
         head_dim=head_dim,
@@ -124,9 +183,16 @@ def read_llama_hparams(reader, path=""):
         n_ctx_train=int(required("context_length")),
         rms_eps=float(required("attention.layer_norm_rms_epsilon")),
         rope_dims=int(optional("rope.dimension_count", head_dim)),
-        rope_base=float(optional("rope.freq_base", 10000.0)),
+        rope_base=rope_base,
         rope_freq_scale=rope_freq_scale,
         architecture=arch,
+        options=options,
+        attention_scale=options.attention_scale(n_layer, n_embd, n_head, head_dim),
+        sliding_window=sliding_window,
+        swa_layers=sliding_layers(n_layer, sliding_window, pattern, options.swa_pattern),
+        rope_base_swa=float(optional("rope.freq_base_swa", options.rope_base_swa)) if swa else rope_base,
+        final_logit_softcapping=float(optional("final_logit_softcapping", 0.0) or 0.0)
+        if options.logit_softcapping else 0.0,
     )
 
 
@@ -144,10 +210,10 @@ def read_tensors(reader, path=""):
     return tensors
 
 
-def load_llama_gguf(path):
-    """(LlamaHParams, {name: float32 ndarray}) for a llama- or qwen2-architecture GGUF file."""
+def load_gguf(path):
+    """(HParams, {name: float32 ndarray}) for a GGUF file of a supported architecture."""
     reader = open_gguf(path)
-    hparams = read_llama_hparams(reader, path)
+    hparams = read_hparams(reader, path)
     return hparams, read_tensors(reader, path)
 
 

@@ -1,9 +1,29 @@
-"""Reference decoder for llama- and qwen2-architecture GGUF files, in plain torch.
+"""The reference decoder for every supported GGUF architecture (gguf_loader.ARCHITECTURES), in
+plain torch: one decoder, with the per-architecture options of HParams.options (ArchOptions).
 
-    token_embd -> n_layer x [ x += attn(rms_norm(x)); x += swiglu(rms_norm(x)) ] -> rms_norm -> output
+    x = token_embd[tokens]                                   (* sqrt(n_embd) if embd_scale)
+    n_layer x [ x += post_attn_norm(attn(attn_norm(x)))      (post_*_norm: only with post_norms)
+                x += post_ffn_norm(ffn(ffn_norm(x))) ]       ffn: (act(x W_gate) * x W_up) W_down
+    logits = output_norm(x) @ output.T                       (output: token_embd if tied; softcapped
+                                                              if the file says so)
 
-qwen2 is llama plus biases on the Q, K and V projections (added before RoPE) and NeoX-layout
-RoPE; any llama.cpp GGUF may carry those biases (attn_{q,k,v}.bias), so both load them if present.
+as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm, weights used as stored.
+    llama   SwiGLU (act = silu), normal RoPE; Q/K/V biases (attn_{q,k,v}.bias) loaded if present
+    qwen2   llama with NeoX RoPE (and the Q/K/V biases, added before RoPE)
+    gemma3  NeoX RoPE; per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm) before RoPE; post-norms;
+            GELU(tanh)-gated FFN; embeddings * sqrt(n_embd); scores scaled by 1/sqrt(head_dim)
+            (27B: 1/sqrt(n_embd / n_head)); final logit softcapping; the HF -> GGUF converter already
+            wrote Gemma's (1 + w) into the norm weights. Two kinds of layers (llama.cpp's iSWA cache):
+                sliding-window layer: key visible iff 0 <= q - k < n_swa   RoPE base rope.freq_base_swa
+                global layer:         key visible iff 0 <= q - k           RoPE base rope.freq_base (and scaling)
+
+mode="self_extend" applies Self-Extend to the global layers only and leaves the sliding-window layers
+at their normal positions, as the patched llama.cpp does. That is exact when W >= n_swa: a
+sliding-window layer sees only keys with q - k < n_swa <= W, which Self-Extend keeps at their normal
+positions anyway. self_extend_sliding=True (forward, decode) applies it to every layer instead, to
+check that claim. The chunked mode (llama-completion's) is refused for models with sliding layers.
+ffn_gelu="ggml_cpu" (from_gguf) reproduces llama.cpp's CPU GELU (see gelu_ggml_cpu), "tanh"
+(default) is the exact formula, as transformers computes it.
 
 Two ways to run it, which must agree:
     model.forward(tokens, mode=...)       prefill: the whole sequence at once, no cache
@@ -17,15 +37,15 @@ Usage:
     cache.truncate(5)  # rewind to position 5, like llama_memory_seq_rm(mem, seq, 5, -1)
 """
 import copy
+import math
 from dataclasses import dataclass, fields
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .attention import (LLAMA_CPP_DEFAULT_N_BATCH, AttentionMode, chunked_attention,
-                        self_extend_attention, vanilla_attention)
-from .gguf_loader import LlamaHParams, TensorTaker, architecture, load_llama_gguf, open_gguf
+from .attention import LLAMA_CPP_DEFAULT_N_BATCH, AttentionMode, chunked_attention, layer_attention
+from .gguf_loader import HParams, TensorTaker, load_gguf
 from .positions import completion_kv_shift
 from .rope import Rope
 
@@ -41,12 +61,16 @@ class LayerWeights:
     w_gate: torch.Tensor     # [n_ff, n_embd]
     w_up: torch.Tensor       # [n_ff, n_embd]
     w_down: torch.Tensor     # [n_embd, n_ff]
-    bq: Optional[torch.Tensor] = None  # [n_head * head_dim]     (qwen2; None: no bias)
-    bk: Optional[torch.Tensor] = None  # [n_head_kv * head_dim]
-    bv: Optional[torch.Tensor] = None  # [n_head_kv * head_dim]
+    bq: Optional[torch.Tensor] = None              # [n_head * head_dim]     (qwen2; None: no bias)
+    bk: Optional[torch.Tensor] = None              # [n_head_kv * head_dim]
+    bv: Optional[torch.Tensor] = None              # [n_head_kv * head_dim]
+    q_norm: Optional[torch.Tensor] = None          # [head_dim]  (qk_norm; None: no norm)
+    k_norm: Optional[torch.Tensor] = None          # [head_dim]
+    post_attn_norm: Optional[torch.Tensor] = None  # [n_embd]    (post_norms; None: no norm)
+    post_ffn_norm: Optional[torch.Tensor] = None   # [n_embd]
 
     def to(self, dtype):
-        """A copy with every tensor cast to dtype (absent biases stay None)."""
+        """A copy with every tensor cast to dtype (absent ones stay None)."""
         cast = {f.name: getattr(self, f.name) for f in fields(self)}
         return LayerWeights(**{name: None if t is None else t.to(dtype) for name, t in cast.items()})
 
@@ -97,8 +121,8 @@ class KVCache:
 
 
 def rms_norm(x, weight, eps):
-    """[n, n_embd] -> [n, n_embd]: x / sqrt(mean(x^2) + eps) * weight."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """[..., n_embd] -> [..., n_embd]: x / sqrt(mean(x^2) + eps) * weight; x itself if weight is None."""
+    return x if weight is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def linear(x, weight, bias=None):
@@ -107,32 +131,59 @@ def linear(x, weight, bias=None):
     return y if bias is None else y + bias
 
 
-def swiglu(x, w: LayerWeights):
-    return (F.silu(x @ w.w_gate.T) * (x @ w.w_up.T)) @ w.w_down.T
+def gelu_tanh(x):
+    """GELU, tanh approximation (Gemma's gelu_pytorch_tanh)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_ggml_cpu(x):
+    """GELU as llama.cpp's CPU backend computes it (ggml-cpu/vec.h, GGML_GELU_FP16): an input in
+    (-10, 10) is rounded to float16 and looked up in a table of float16-rounded float32 GELU(tanh)
+    values; 0 at or below -10, x at or above 10. About 5e-4 relative error per activation."""
+    table = gelu_tanh(x.to(torch.float16).to(torch.float32)).to(torch.float16).to(x.dtype)
+    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+FFN_GELU = {"tanh": gelu_tanh, "ggml_cpu": gelu_ggml_cpu}  # ffn_gelu -> the "gelu" FFN gate
+
+
+def gated_ffn(x, w: LayerWeights, act):
+    """[n, n_embd] -> [n, n_embd]: (act(x W_gate) * x W_up) W_down (SwiGLU with silu, GeGLU with GELU)."""
+    return (act(x @ w.w_gate.T) * (x @ w.w_up.T)) @ w.w_down.T
+
+
+def check_dtype(dtype):
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
 class ReferenceModel:
-    def __init__(self, hparams: LlamaHParams, tok_embd, layers, output_norm, output, rope, dtype):
+    def __init__(self, hparams: HParams, tok_embd, layers, output_norm, output, rope, rope_swa, dtype,
+                 ffn_gelu="tanh"):
+        if ffn_gelu not in FFN_GELU:
+            raise ValueError(f"ffn_gelu must be one of {sorted(FFN_GELU)}, got {ffn_gelu!r}")
         self.hparams = hparams
         self.tok_embd = tok_embd        # [n_vocab, n_embd]
         self.layers = layers            # n_layer x LayerWeights
         self.output_norm = output_norm  # [n_embd]
         self.output = output            # [n_vocab, n_embd], the token embedding if tied
-        self.rope = rope
+        self.rope = rope                # RoPE of the global layers (every layer without sliding ones)
+        self.rope_swa = rope_swa        # RoPE of the sliding-window layers
         self.dtype = dtype
+        self.ffn_gelu = ffn_gelu        # "tanh" or "ggml_cpu": the GELU of an ffn_act "gelu" architecture
+        self.ffn_act = F.silu if hparams.options.ffn_act == "silu" else FFN_GELU[ffn_gelu]
 
     @classmethod
-    def from_gguf(cls, path, dtype=torch.float64):
-        """Load any llama- or qwen2-architecture GGUF; every quant type the gguf package knows is
-        dequantized."""
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if architecture(open_gguf(path)) == "gemma3":  # a Gemma3Model (a subclass) for Gemma 3
-            from .gemma3 import Gemma3Model  # imported here: gemma3.py builds on this module
-            return Gemma3Model.from_gguf(path, dtype)
-        hp, arrays = load_llama_gguf(path)
+    def from_gguf(cls, path, dtype=torch.float64, ffn_gelu="tanh"):
+        """Load a GGUF of any supported architecture; every quant type the gguf package knows is
+        dequantized. ffn_gelu="ggml_cpu" matches llama.cpp's CPU backend (see gelu_ggml_cpu)."""
+        check_dtype(dtype)
+        hp, arrays = load_gguf(path)
+        o = hp.options
         take = TensorTaker(arrays, path, dtype)
-        take_optional = take.optional
+
+        def take_if(present, name, shape):  # required where the architecture has it
+            return take(name, shape) if present else None
 
         q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         layers = [LayerWeights(
@@ -145,47 +196,51 @@ class ReferenceModel:
             w_gate=take(f"blk.{i}.ffn_gate.weight", (hp.n_ff, hp.n_embd)),
             w_up=take(f"blk.{i}.ffn_up.weight", (hp.n_ff, hp.n_embd)),
             w_down=take(f"blk.{i}.ffn_down.weight", (hp.n_embd, hp.n_ff)),
-            bq=take_optional(f"blk.{i}.attn_q.bias", (q_dim,)),
-            bk=take_optional(f"blk.{i}.attn_k.bias", (kv_dim,)),
-            bv=take_optional(f"blk.{i}.attn_v.bias", (kv_dim,)),
+            bq=take.optional(f"blk.{i}.attn_q.bias", (q_dim,)),
+            bk=take.optional(f"blk.{i}.attn_k.bias", (kv_dim,)),
+            bv=take.optional(f"blk.{i}.attn_v.bias", (kv_dim,)),
+            q_norm=take_if(o.qk_norm, f"blk.{i}.attn_q_norm.weight", (hp.head_dim,)),
+            k_norm=take_if(o.qk_norm, f"blk.{i}.attn_k_norm.weight", (hp.head_dim,)),
+            post_attn_norm=take_if(o.post_norms, f"blk.{i}.post_attention_norm.weight", (hp.n_embd,)),
+            post_ffn_norm=take_if(o.post_norms, f"blk.{i}.post_ffw_norm.weight", (hp.n_embd,)),
         ) for i in range(hp.n_layer)]
         tok_embd = take("token_embd.weight", (hp.n_vocab, hp.n_embd))
         output_norm = take("output_norm.weight", (hp.n_embd,))
-        output = take("output.weight", (hp.n_vocab, hp.n_embd)) if "output.weight" in arrays else tok_embd
-        freq_factors = None
-        if "rope_freqs.weight" in arrays:
-            freq_factors = take("rope_freqs.weight", (hp.rope_dims // 2,)).to(torch.float64)
-        take.check_all_taken("the reference decoder")
-        rope = Rope(n_dims=hp.rope_dims, base=hp.rope_base, freq_scale=hp.rope_freq_scale,
-                    neox=hp.rope_neox, freq_factors=freq_factors)  # llama NORM, qwen2 NEOX
-        return cls(hp, tok_embd, layers, output_norm, output, rope, dtype)
+        output = take.optional("output.weight", (hp.n_vocab, hp.n_embd))
+        freq_factors = take.optional("rope_freqs.weight", (hp.rope_dims // 2,))
+        take.check_all_taken(f"the reference decoder ({hp.architecture})")
+        rope = Rope(n_dims=hp.rope_dims, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=hp.rope_neox,
+                    freq_factors=None if freq_factors is None else freq_factors.to(torch.float64))
+        rope_swa = Rope(n_dims=hp.rope_dims, base=hp.rope_base_swa, neox=hp.rope_neox)  # llama.cpp: freq_scale_swa 1
+        return cls(hp, tok_embd, layers, output_norm, tok_embd if output is None else output, rope, rope_swa,
+                   dtype, ffn_gelu)
 
     def to(self, dtype):
         """A copy with the weights cast to dtype (float32 <-> float64 is exact for GGUF weights)."""
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        layers = [w.to(dtype) for w in self.layers]
+        check_dtype(dtype)
         tok_embd = self.tok_embd.to(dtype)
-        output = tok_embd if self.output is self.tok_embd else self.output.to(dtype)
-        return ReferenceModel(self.hparams, tok_embd, layers, self.output_norm.to(dtype), output,
-                              self.rope, dtype)
+        output = tok_embd if self.tied_output else self.output.to(dtype)
+        return ReferenceModel(self.hparams, tok_embd, [w.to(dtype) for w in self.layers],
+                              self.output_norm.to(dtype), output, self.rope, self.rope_swa, dtype, self.ffn_gelu)
 
     @property
     def tied_output(self):
         return self.output is self.tok_embd
 
-    # ------------------------------------------------------------------ shared pieces
+    # ------------------------------------------------------------------ pieces
 
     def block(self, w: LayerWeights, x, attend):
         """One transformer block; attend(q, k, v) does the attention of this layer."""
-        hp, n = self.hparams, x.shape[0]
-        h = rms_norm(x, w.attn_norm, hp.rms_eps)                               # [n, n_embd]
+        hp, n, eps = self.hparams, x.shape[0], self.hparams.rms_eps
+        h = rms_norm(x, w.attn_norm, eps)                                               # [n, n_embd]
         q = linear(h, w.wq, w.bq).view(n, hp.n_head, hp.head_dim).transpose(0, 1)      # [n_head, n, d]
         k = linear(h, w.wk, w.bk).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
         v = linear(h, w.wv, w.bv).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
-        a = attend(q, k, v).transpose(0, 1).reshape(n, hp.n_head * hp.head_dim)
-        x = x + a @ w.wo.T
-        return x + swiglu(rms_norm(x, w.ffn_norm, hp.rms_eps), w)
+        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)                 # per head, before RoPE
+        a = attend(q, k, v).transpose(0, 1).reshape(n, hp.n_head * hp.head_dim)       # [n, n_head * d]
+        x = x + rms_norm(a @ w.wo.T, w.post_attn_norm, eps)
+        ffn = gated_ffn(rms_norm(x, w.ffn_norm, eps), w, self.ffn_act)                 # [n, n_embd]
+        return x + rms_norm(ffn, w.post_ffn_norm, eps)
 
     def embed(self, tokens):
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
@@ -193,42 +248,63 @@ class ReferenceModel:
             raise ValueError("tokens must not be empty")
         if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
             raise ValueError(f"token ids must be in [0, {self.hparams.n_vocab})")
-        return self.tok_embd[tokens]                                           # [n, n_embd]
+        x = self.tok_embd[tokens]                                                      # [n, n_embd]
+        return x * math.sqrt(self.hparams.n_embd) if self.hparams.options.embd_scale else x
 
     def logits(self, x):
-        return rms_norm(x, self.output_norm, self.hparams.rms_eps) @ self.output.T  # [n, n_vocab]
+        logits = rms_norm(x, self.output_norm, self.hparams.rms_eps) @ self.output.T  # [n, n_vocab]
+        cap = self.hparams.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
 
-    @staticmethod
-    def attention_mode(mode="vanilla", group_size=1, window=None,
+    def attention_mode(self, mode="vanilla", group_size=1, window=None,
                        n_batch=LLAMA_CPP_DEFAULT_N_BATCH, pos_div_sign_bug=False):
-        if isinstance(mode, AttentionMode):
-            return mode
-        return AttentionMode(mode, group_size, window, n_batch, pos_div_sign_bug)
+        """The AttentionMode (mode itself if it is one), checked against this model."""
+        if not isinstance(mode, AttentionMode):
+            mode = AttentionMode(mode, group_size, window, n_batch, pos_div_sign_bug)
+        return self.check_mode(mode)
+
+    def check_mode(self, mode):
+        if mode.name == "chunked" and any(self.hparams.swa_layers):
+            raise ValueError(f"the chunked mode (llama-completion's) is not implemented for models with "
+                             f"sliding-window layers ({self.hparams.architecture})")
+        return mode
+
+    def layer_attend(self, layer, mode, q_pos, k_pos, k_rope_pos=None, self_extend_sliding=False):
+        """attend(q, k, v) of one layer: its RoPE, its mask, and Self-Extend if it applies to it."""
+        hp = self.hparams
+        sliding = hp.swa_layers[layer]
+        extend = mode.name == "self_extend" and (self_extend_sliding or not sliding)
+        rope = self.rope_swa if sliding else self.rope
+        n_swa = hp.sliding_window if sliding else 0
+        group_size = mode.group_size if extend else 1
+
+        def attend(q, k, v):
+            return layer_attention(q, k, v, q_pos, k_pos, rope, hp.attention_scale, n_swa, group_size,
+                                   mode.window, k_rope_pos)
+        return attend
 
     # ------------------------------------------------------------------ prefill
 
     def forward(self, tokens, mode="vanilla", group_size=1, window=None,
-                n_batch=LLAMA_CPP_DEFAULT_N_BATCH, pos_div_sign_bug=False):
+                n_batch=LLAMA_CPP_DEFAULT_N_BATCH, pos_div_sign_bug=False, self_extend_sliding=False):
         """Logits [n, n_vocab] for every position of tokens (positions 0..n-1), without a cache.
 
-        mode: "vanilla", "self_extend" (exact, needs group_size and window) or "chunked"
-        (llama-completion's --grp-attn-n/--grp-attn-w with -b n_batch; pos_div_sign_bug=True
-        reproduces the pinned llama.cpp's K-shift sign error), or an AttentionMode.
+        mode: "vanilla", "self_extend" (exact, needs group_size and window; on the global layers, on
+        every layer with self_extend_sliding=True) or "chunked" (llama-completion's
+        --grp-attn-n/--grp-attn-w with -b n_batch; pos_div_sign_bug=True reproduces the pinned
+        llama.cpp's K-shift sign error; not for models with sliding layers), or an AttentionMode.
         """
         mode = self.attention_mode(mode, group_size, window, n_batch, pos_div_sign_bug)
         x = self.embed(tokens)
         pos = torch.arange(x.shape[0])
-        G, W = mode.group_size, mode.window
 
-        def attend(q, k, v):
-            if mode.name == "self_extend":
-                return self_extend_attention(q, k, v, pos, pos, G, W, self.rope)
-            if mode.name == "chunked":
-                return chunked_attention(q, k, v, G, W, self.rope, n_batch=mode.n_batch,
-                                         pos_div_sign_bug=mode.pos_div_sign_bug)
-            return vanilla_attention(q, k, v, pos, pos, self.rope)
+        def chunked(q, k, v):  # every layer global: checked by attention_mode
+            return chunked_attention(q, k, v, mode.group_size, mode.window, self.rope, self.hparams.attention_scale,
+                                     n_batch=mode.n_batch, pos_div_sign_bug=mode.pos_div_sign_bug)
 
-        for w in self.layers:
+        for i, w in enumerate(self.layers):
+            attend = chunked if mode.name == "chunked" else self.layer_attend(
+                i, mode, pos, pos, self_extend_sliding=self_extend_sliding)
             x = self.block(w, x, attend)
         return self.logits(x)
 
@@ -242,37 +318,33 @@ class ReferenceModel:
         mode = self.attention_mode(mode, group_size, window, n_batch, pos_div_sign_bug)
         return KVCache(self.hparams.n_layer, mode)
 
-    def decode(self, tokens, cache: KVCache):
+    def decode(self, tokens, cache: KVCache, self_extend_sliding=False):
         """Append tokens to cache at positions cache.n_past.. and return their logits [n, n_vocab].
 
         In chunked mode one call is one llama-completion batch (mode.n_batch is not used here:
         decode_in_batches splits): the cache positions are first compressed exactly as
-        llama-completion does before it calls llama_decode.
+        llama-completion does before it calls llama_decode. The cache keeps every key of the
+        sliding-window layers too; their mask hides the old ones.
         """
-        mode = cache.mode
+        mode = self.check_mode(cache.mode)
         x = self.embed(tokens)
         if mode.name == "chunked":
             cache.cell_pos, cache.rope_pos, cache.n_past, cache.ga_i = completion_kv_shift(
                 cache.cell_pos, cache.rope_pos, cache.n_past, cache.ga_i, mode.group_size,
                 mode.window, mode.pos_div_sign_bug)
-        q_pos = cache.n_past + torch.arange(x.shape[0])                        # [n]
-        k_pos = torch.cat((cache.cell_pos, q_pos))                             # [n_cells + n]
-        k_rope_pos = torch.cat((cache.rope_pos, q_pos))                        # [n_cells + n]
+        q_pos = cache.n_past + torch.arange(x.shape[0])                                # [n]
+        k_pos = torch.cat((cache.cell_pos, q_pos))                                     # [n_cells + n]
+        k_rope_pos = torch.cat((cache.rope_pos, q_pos))                                # [n_cells + n]
 
         for i, w in enumerate(self.layers):
-            def attend(q, k, v, i=i):
-                k, v = cache.append(i, k, v)
-                if mode.name == "self_extend":
-                    return self_extend_attention(q, k, v, q_pos, k_pos, mode.group_size,
-                                                 mode.window, self.rope)
-                return vanilla_attention(q, k, v, q_pos, k_pos, self.rope, k_rope_pos=k_rope_pos)
-            x = self.block(w, x, attend)
+            attend = self.layer_attend(i, mode, q_pos, k_pos, k_rope_pos, self_extend_sliding)
+            x = self.block(w, x, lambda q, k, v, i=i, attend=attend: attend(q, *cache.append(i, k, v)))
 
         cache.cell_pos, cache.rope_pos = k_pos, k_rope_pos
         cache.n_past += x.shape[0]
         return self.logits(x)
 
-    def decode_in_batches(self, tokens, cache: KVCache, n_batch):
+    def decode_in_batches(self, tokens, cache: KVCache, n_batch, self_extend_sliding=False):
         """decode() the tokens n_batch at a time (as llama.cpp callers do); logits [n, n_vocab]."""
-        return torch.cat([self.decode(tokens[i:i + n_batch], cache)
+        return torch.cat([self.decode(tokens[i:i + n_batch], cache, self_extend_sliding)
                           for i in range(0, len(tokens), n_batch)])

@@ -264,7 +264,7 @@ def write_tiny_qwen2(path, **kwargs):
 # ----------------------------------------------------------------------------- gemma3
 
 # The tiny gemma3's post_ffw_norm weights are FFN_OUT_SCALE * (1 + 0.1 N(0, 1)): its FFN's residual
-# updates are a quarter of its attention's. llama.cpp's CPU GELU rounds its input to float16 (see reference/gemma3.py
+# updates are a quarter of its attention's. llama.cpp's CPU GELU rounds its input to float16 (see reference/model.py
 # gelu_ggml_cpu), so a 1e-7 change of an input can move an output by 5e-4; at full size these flips
 # alone move the tiny model's logits by up to ~7e-4 (measured), at a quarter ~1e-4, well under the
 # parity bar of 1e-3.
