@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=1024, help="Self-Extend W (G is 4)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="measure every configuration this many times, interleaved, and keep the best")
+                        help="measure every configuration this many times, interleaved, and report the median")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="configurations to measure (each with its baseline)")
     parser.add_argument("--json", help="also write the results here")
@@ -96,14 +97,16 @@ def main() -> None:
         return
 
     names = [name for name in CONFIGS if name in args.configs or name in map(baseline, args.configs)]
-    results = {}
+    runs = {name: [] for name in names}
     for repeat in range(args.repeats):  # interleaved, so that a busy spell hurts every configuration
         for name in names:
             print(f"measuring {name} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-            result = run_child(args, name)
-            best = results.setdefault(name, result)
-            for key in ("prefill_tps", "decode_tps"):
-                best[key] = max(best[key], result[key])
+            runs[name].append(run_child(args, name))
+    results = {}
+    for name, measured in runs.items():
+        results[name] = dict(measured[0], runs=measured)
+        for key in ("prefill_tps", "decode_tps"):
+            results[name][key] = statistics.median(r[key] for r in measured)
     print(f"\n{os.path.basename(args.model)}, {args.threads} threads, prefill {args.prefill} tokens, "
           f"decode at {args.decode_at} tokens, Self-Extend G=4 W={args.window}\n")
     print("| configuration | prefill tok/s | decode tok/s | KV MiB | compute MiB "

@@ -307,7 +307,7 @@ class ChatSession:
 def open_session(model_path, documents: list[Document], *, question: str = "", room: int = CHAT_ROOM,
                  n_ctx: int | None = None, grp_attn_n="auto", grp_attn_w: int | None = None,
                  raw: bool = False, max_answer_tokens: int = 1024, sampling: dict | None = None,
-                 verbose: bool = False) -> ChatSession:
+                 flash_attn: bool = True, verbose: bool = False) -> ChatSession:
     """Load the model with a context sized to the documents (and `question`) plus `room` tokens.
 
     Raises SetupError (or FileNotFoundError) for a model, documents or settings that cannot work.
@@ -327,7 +327,8 @@ def open_session(model_path, documents: list[Document], *, question: str = "", r
     plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
                         grp_attn_w=grp_attn_w, n_documents=n_prompt, sliding_window=info.sliding_window)
     llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, grp_attn_n=plan.self_extend.group_size,
-                       grp_attn_w=plan.self_extend.neighbor_window or None, verbose=verbose)
+                       grp_attn_w=plan.self_extend.neighbor_window or None, flash_attn=flash_attn,
+                       verbose=verbose)
     if not raw:
         prompt_format = ChatTemplate(llm)
     return ChatSession(llm, prompt_format, documents, max_answer_tokens=max_answer_tokens,

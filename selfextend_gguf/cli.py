@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Self-Extend group size; auto (default) picks it from the context and the trained context")
     model.add_argument("--grp-attn-w", type=positive_int_arg, metavar="W",
                        help="Self-Extend neighbor window (default: min(1024, trained context / 8))")
+    model.add_argument("--flash-attn", "-fa", choices=("on", "off"), default="on",
+                       help="flash attention (default: on, the fastest path)")
 
     generation = argparse.ArgumentParser(add_help=False, parents=[model])
     generation.add_argument("--doc", "-d", action="extend", nargs="+", default=[], metavar="FILE",
@@ -141,7 +143,7 @@ def open_for(args, *, question: str = "", room: int, raw: bool = False):
         session = chat.open_session(model_path(args), documents, question=question, room=room,
                                     n_ctx=args.ctx, grp_attn_n=args.grp_attn_n, grp_attn_w=args.grp_attn_w,
                                     raw=raw, max_answer_tokens=args.n, sampling={"temperature": temperature},
-                                    verbose=args.verbose)
+                                    flash_attn=args.flash_attn == "on", verbose=args.verbose)
     llm = session.llm
     extend = (f"Self-Extend G={llm.grp_attn_n}, W={llm.grp_attn_w:,}" if llm.grp_attn_n > 1
               else "Self-Extend off (not needed)")

@@ -27,6 +27,8 @@ class Llama(llama_cpp.Llama):
             the model's trained context by the paper's rule (W + (n_ctx - W)/G <= 2/3 of it).
         grp_attn_w: neighbor window W: keys closer than W to the query keep their normal positions.
             Defaults to min(1024, trained context / 8).
+        flash_attn: True by default here (llama_cpp.Llama: False), as in llama.cpp's own programs: it is
+            the fastest path, with Self-Extend and without (see scripts/bench_speed.py).
         Every other argument is llama_cpp.Llama's.
     """
 
@@ -40,6 +42,7 @@ class Llama(llama_cpp.Llama):
         self.model_info = info
         self.self_extend = settings.SelfExtend()
         self.n_ctx_requested = n_ctx  # llama.cpp rounds n_ctx up to a multiple of 256
+        kwargs.setdefault("flash_attn", True)
 
         super().__init__(model_path, *args, **kwargs)
         # llama-cpp-python refuses prompts and clips completions against _n_ctx: make that the

@@ -4,6 +4,7 @@ own folder under build/ (ignored by git) with other options, e.g. build/unpatche
 (GGML_RPC=ON); and run_with_library(), which runs a function in a child process bound to one. Each build folder keeps its object files,
 so a second run only asks ninja whether anything changed (about a second); ggml's GGML_CCACHE uses
 ccache when it is installed."""
+import functools
 import json
 import os
 import shutil
@@ -57,16 +58,19 @@ def build_llama_cpp(build_dir: Path, options, targets) -> Path:
     return build_dir / "bin"
 
 
-FALLBACKS_BUILD = ROOT / "build" / "fallbacks"
+# SELFEXTEND_FORCE_FALLBACKS value -> its build folder
+FALLBACK_BUILDS = {"ON": ROOT / "build" / "fallbacks", "NO_FLASH_LSE": ROOT / "build" / "no-flash-lse"}
 
 
-def fallbacks_lib_dir() -> Path:
-    """A libllama whose Self-Extend takes the fallback paths of devices without out_prod or flash
-    attention of two head sizes (V padded, V transposed for decode steps), built once."""
-    library = FALLBACKS_BUILD / "bin" / "libllama.so"
-    if not library.exists():
-        build_llama_cpp(FALLBACKS_BUILD, ["-DSELFEXTEND_FORCE_FALLBACKS=ON", "-DSELFEXTEND_BUILD_TOOLS=OFF"],
-                        ["llama"])
+@functools.lru_cache(maxsize=None)  # once per test session
+def fallbacks_lib_dir(which: str = "ON") -> Path:
+    """A libllama whose Self-Extend takes the paths of devices without ggml_flash_attn_ext_lse:
+    "ON", and without out_prod or flash attention of two head sizes either (V padded, V transposed for
+    decode steps); "NO_FLASH_LSE", with those two (as the CPU has them)."""
+    build = FALLBACK_BUILDS[which]
+    library = build / "bin" / "libllama.so"
+    # built every time: a no-op for ninja (about a second) unless the patches changed
+    build_llama_cpp(build, [f"-DSELFEXTEND_FORCE_FALLBACKS={which}", "-DSELFEXTEND_BUILD_TOOLS=OFF"], ["llama"])
     assert library.exists(), f"the fallbacks build did not produce {library}"
     return library.parent
 

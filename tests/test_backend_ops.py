@@ -17,9 +17,11 @@ llama_cpp = load_llama_cpp()
 # the operations the Self-Extend graph may add to llama.cpp's attention (see docs/backends.md)
 SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT", "VIEW", "PERMUTE",
                    "RESHAPE", "TRANSPOSE", "MUL_MAT", "SOFT_MAX"}
-# and with flash attention: K and V padded to the doubled head size, one flash attention per layer;
-# decode steps read the untransposed V with out_prod where the devices have it
+# and with flash attention on devices without ggml_flash_attn_ext_lse: K and V padded to the doubled head
+# size, one flash attention per layer; decode steps read the untransposed V with out_prod where the devices have it
 SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT", "OUT_PROD"}
+# on devices with it (the CPU, patch 0007): one flash attention per block of cells, merged by log-sum-exp
+SELF_EXTEND_FLASH_LSE_OPS = SELF_EXTEND_OPS | {"FLASH_ATTN_EXT_LSE", "SUB", "MUL", "SIGMOID", "SOFTPLUS"}
 
 
 def ggml_base():
@@ -78,46 +80,55 @@ def test_self_extend_adds_only_supported_ops(tiny_f32_gguf, type_k):
     assert extended <= vanilla | SELF_EXTEND_OPS
 
 
-def test_self_extend_with_flash_attention_uses_flash_attention(tiny_f32_gguf):
-    """Prefill ubatches take one flash attention per layer (over the doubled head size); decode
-    steps take the non-flash blocks. Only documented operations either way."""
+def test_self_extend_with_flash_attention_uses_one_flash_attention_per_block_on_the_cpu(tiny_f32_gguf):
+    """Prefill ubatches and decode steps alike take ggml_flash_attn_ext_lse per block of cells (the CPU
+    has it), merged by log-sum-exp; only documented operations."""
     vanilla = graph_ops(tiny_f32_gguf, 1, None, 192, flash_attn=True)
     extended = graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=True)
-    assert "FLASH_ATTN_EXT" in vanilla and "FLASH_ATTN_EXT" in extended
-    assert {"PAD", "CONCAT"} <= extended - vanilla
-    assert extended <= vanilla | SELF_EXTEND_FLASH_OPS, f"undocumented: {sorted(extended - vanilla - SELF_EXTEND_FLASH_OPS)}"
+    assert "FLASH_ATTN_EXT" in vanilla and "FLASH_ATTN_EXT_LSE" in extended
+    assert {"SIGMOID", "SOFTPLUS"} <= extended - vanilla
+    assert not {"PAD", "OUT_PROD"} & extended  # neither the doubled head size nor the non-flash decode
+    assert extended <= vanilla | SELF_EXTEND_FLASH_LSE_OPS, \
+        f"undocumented: {sorted(extended - vanilla - SELF_EXTEND_FLASH_LSE_OPS)}"
 
 
 def flash_graph(path) -> dict:
-    """The operations of a flash-attention graph with Self-Extend, and the output width of its flash
-    attention node (JSON values: run_with_library runs it in a child bound to another build)."""
+    """The operations of a flash-attention graph with Self-Extend, and the output widths of its flash
+    attention nodes by name (JSON values: run_with_library runs it in a child bound to another build)."""
     widths = {}
     ops = graph_ops(path, 4, 16, 192, flash_attn=True, widths=widths)
-    return {"ops": sorted(ops), "kqv_width": sorted(widths["kqv_self_extend_flash"])}
+    return {"ops": sorted(ops), "widths": {name: sorted(w) for name, w in widths.items() if "flash" in name}}
 
 
 @pytest.fixture(scope="module")
 def flash_graphs(tiny_f32_gguf):
-    """{"cpu": the CPU's paths, "fallbacks": the paths of devices without out_prod or flash attention of
-    two head sizes, from a build that takes them everywhere (native_build.fallbacks_lib_dir)}"""
-    return {"cpu": flash_graph(str(tiny_f32_gguf)),
-            "fallbacks": run_with_library(fallbacks_lib_dir(), "test_backend_ops", "flash_graph", str(tiny_f32_gguf))}
+    """The paths of devices without ggml_flash_attn_ext_lse, from builds that take them everywhere
+    (native_build.fallbacks_lib_dir): "no_flash_lse", with out_prod and flash attention of two head sizes
+    (as the CPU has them); "fallbacks", without those either."""
+    return {paths: run_with_library(fallbacks_lib_dir(which), "test_backend_ops", "flash_graph", str(tiny_f32_gguf))
+            for paths, which in (("no_flash_lse", "NO_FLASH_LSE"), ("fallbacks", "ON"))}
 
 
-@pytest.mark.parametrize("paths", ["cpu", "fallbacks"])
-def test_flash_attention_keeps_v_at_its_head_size_where_the_device_takes_it(tiny_f32_gguf, flash_graphs, paths):
-    """The CPU's flash attention takes K and V of different head sizes, so V is not padded to the
-    doubled size (half the V work); devices that need one size get V padded."""
+@pytest.mark.parametrize("paths", ["no_flash_lse", "fallbacks"])
+def test_without_flash_lse_the_blocks_share_one_flash_attention_of_the_doubled_head_size(tiny_f32_gguf, flash_graphs,
+                                                                                         paths):
+    """One flash attention over Q' = [Q_grp | Q] and K' (prefill); only operations every backend has. V
+    keeps its head size where the device takes K and V of two head sizes (half the V work), else it is
+    padded to the doubled size."""
+    ops = set(flash_graphs[paths]["ops"])
+    assert "FLASH_ATTN_EXT" in ops and "FLASH_ATTN_EXT_LSE" not in ops and "PAD" in ops
+    assert ops <= set(graph_ops(tiny_f32_gguf, 1, None, 192, flash_attn=True)) | SELF_EXTEND_FLASH_OPS
     llm = Llama(str(tiny_f32_gguf), n_ctx=64, verbose=False)
     n_embd_head = llama_cpp.llama_model_n_embd(llm.model) // llama_cpp.llama_model_n_head(llm.model)
     llm.close()
-    assert flash_graphs[paths]["kqv_width"] == [n_embd_head if paths == "cpu" else 2 * n_embd_head]
+    assert flash_graphs[paths]["widths"]["kqv_self_extend_flash"] == \
+        [n_embd_head if paths == "no_flash_lse" else 2 * n_embd_head]
 
 
-@pytest.mark.parametrize("paths", ["cpu", "fallbacks"])
-def test_flash_attention_decode_reads_v_with_out_prod_where_the_device_has_it(flash_graphs, paths):
-    """Single-token steps on flash attention's untransposed V cache: the CPU has out_prod, which sums
-    over the cells without a transposed copy of V; devices without it (Metal) transpose V."""
+@pytest.mark.parametrize("paths", ["no_flash_lse", "fallbacks"])
+def test_without_flash_lse_decode_reads_v_with_out_prod_where_the_device_has_it(flash_graphs, paths):
+    """Single-token steps on flash attention's untransposed V cache: out_prod sums over the cells without
+    a transposed copy of V; devices without it (Metal) transpose V."""
     ops = set(flash_graphs[paths]["ops"])
-    assert ("OUT_PROD" in ops) == (paths == "cpu")
+    assert ("OUT_PROD" in ops) == (paths == "no_flash_lse")
     assert ("TRANSPOSE" in ops) == (paths == "fallbacks")

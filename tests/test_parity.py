@@ -40,24 +40,38 @@ def flash_attention_logits(path, tokens, group_size, window, n_ubatch) -> list:
     return np.asarray(llm.scores[:n]).tolist()
 
 
-@pytest.mark.parametrize("device_paths", ["cpu", "fallbacks"])
+@pytest.mark.parametrize("device_paths", ["cpu", "no_flash_lse", "fallbacks"])
 @pytest.mark.parametrize("group_size,window,n_ubatch", [(4, 16, 32), (3, 10, 64), (2, 8, 7), (8, 40, 32)])
 def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch,
                                            device_paths):
-    """flash_attn=True: prefill ubatches go through one flash attention over the doubled head size
-    (patch 0003, build_attn_flash_self_extend), the last 20 tokens are single-token decode steps.
-    On the CPU, V keeps its head size in the flash attention and decode steps read it with out_prod;
-    "fallbacks" runs a build that takes the paths of devices without those (V padded to the doubled
-    head size, transposed for decode steps; native_build.fallbacks_lib_dir), in a child process."""
+    """flash_attn=True, prefill ubatches, then the last 20 tokens as single-token decode steps.
+    "cpu": one ggml_flash_attn_ext_lse per block of cells, merged by log-sum-exp (patch 0008), for
+    prefill and decode alike. The other two run builds that take the paths of devices without it
+    (native_build.fallbacks_lib_dir), in a child process: "no_flash_lse", prefill through one flash
+    attention over the doubled head size with V at its own size (patch 0003), decode steps read V
+    with out_prod; "fallbacks", V padded to the doubled head size and transposed for decode steps."""
     n = fitting_length(group_size, window)
     tokens = random_tokens(n, seed=group_size)
     args = (str(tiny_f32_gguf), tokens, group_size, window, n_ubatch)
-    if device_paths == "fallbacks":
-        logits = run_with_library(fallbacks_lib_dir(), "test_parity", "flash_attention_logits", *args)
-    else:
+    if device_paths == "cpu":
         logits = flash_attention_logits(*args)
+    else:
+        library = fallbacks_lib_dir({"no_flash_lse": "NO_FLASH_LSE", "fallbacks": "ON"}[device_paths])
+        logits = run_with_library(library, "test_parity", "flash_attention_logits", *args)
     error = np.abs(np.asarray(logits) - reference_logits(tiny_reference, tokens, group_size, window)).max()
     assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
+
+
+def test_flash_attention_over_long_blocks_matches_reference(tiny_f32_gguf, tiny_reference):
+    """900 tokens with W = 40: decode steps see a block of over 512 grouped cells, which ggml's CPU
+    flash attention splits across threads (its split-KV path, whose partial results patch 0007 merges
+    into the log-sum-exp); prefill ubatches of 64 take its tiled path."""
+    group_size, window = 36, 40
+    tokens = random_tokens(fitting_length(group_size, window, cap=900), seed=12)
+    assert len(tokens) - 20 - window > 512
+    logits = flash_attention_logits(str(tiny_f32_gguf), tokens, group_size, window, 64)
+    error = np.abs(np.asarray(logits) - reference_logits(tiny_reference, tokens, group_size, window)).max()
+    assert error <= TOLERANCE, f"max |diff| {error:.2e}"
 
 
 def test_rope_scaling_in_the_gguf_composes(tmp_path, make_tiny_gguf):

@@ -74,7 +74,7 @@ def test_auto_picks_a_window_of_at_least_the_sliding_window(tiny_gemma3_gguf, re
     """min(1024, L/8) would be 8 here, below n_swa = 10."""
     n = 200
     llm = Llama(str(tiny_gemma3_gguf), n_ctx=n, grp_attn_n="auto", logits_all=True, n_batch=64, n_ubatch=32,
-                type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
                 n_threads=2, n_threads_batch=2, verbose=False)
     group_size, window = llm.grp_attn_n, llm.grp_attn_w
     assert window == N_SWA and group_size > 1

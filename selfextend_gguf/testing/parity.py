@@ -18,7 +18,9 @@ def random_tokens(n, seed=0, n_vocab=320) -> list[int]:
 
 
 def tiny_llama(path, n_ctx, group_size, window, type_k=F32, type_v=F32, **kwargs) -> Llama:
-    """A Llama that keeps every position's logits, with an F32 KV cache unless told."""
+    """A Llama that keeps every position's logits, with an F32 KV cache and without flash attention
+    (Llama's default is on) unless told."""
+    kwargs.setdefault("flash_attn", False)
     return Llama(str(path), n_ctx=n_ctx, grp_attn_n=group_size, grp_attn_w=window, logits_all=True,
                  type_k=type_k, type_v=type_v, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
 
