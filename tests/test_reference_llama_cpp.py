@@ -3,12 +3,12 @@ F32 fixture with an F32 KV cache so that only float32 rounding separates the two
 
 Uses the project's libllama (selfextend_gguf._native.load_llama_cpp); skipped where none loads.
 
-The chunked test replays llama-completion's Self-Extend loop (tools/completion/completion.cpp)
+The chunked test replays upstream llama-completion's Self-Extend loop (tools/completion/completion.cpp)
 with the real llama_memory_seq_add / llama_memory_seq_div and compares with the reference
 "chunked" mode. The pinned llama.cpp records the K-shift of seq_div with the wrong sign
-(src/llama-kv-cells.h, pos_div: `shift[i] += p_old - pos[i]`), so it matches the reference with
-pos_div_sign_bug=True; a libllama with that line fixed matches pos_div_sign_bug=False. The test
-accepts either, requires the other to be clearly different, and prints which one it found.
+(src/llama-kv-cells.h, pos_div: `shift[i] += p_old - pos[i]`), so stock llama.cpp matches the
+reference with pos_div_sign_bug=True; patch 0009 fixes that line, and the patched library matches
+pos_div_sign_bug=False (upstream's approximation as designed) and clearly differs from the bug.
 """
 import numpy as np
 import pytest
@@ -94,5 +94,29 @@ def test_chunked_matches_llama_completion_loop(llama_cpp, tiny_f32_gguf, tiny_re
         diffs[bug] = np.abs(got - ref.numpy()).max()
     print(f"chunked G={G} W={W} n_batch={n_batch}: max|diff| fixed sign {diffs[False]:.3g}, "
           f"pinned sign bug {diffs[True]:.3g}")
-    assert min(diffs.values()) <= TOL
-    assert max(diffs.values()) > 1e-2
+    assert diffs[False] <= TOL
+    assert diffs[True] > 1e-2
+
+
+def chunked_logits(path, tokens, G, W, n_batch) -> list:
+    """completion_self_extend's logits with the libllama this process loads (JSON values, for
+    native_build.run_with_library)."""
+    from selfextend_gguf._native import load_llama_cpp
+    llama_cpp = load_llama_cpp()
+    return completion_self_extend(llama_cpp, open_f32(llama_cpp, path, max(n_batch, 8)), tokens, G, W, n_batch).tolist()
+
+
+def test_stock_llama_cpp_has_the_pos_div_sign_bug(tiny_f32_gguf, tiny_reference):
+    """The same loop on an unpatched build matches the reference's pos_div_sign_bug=True: the
+    difference above is patch 0009's."""
+    from native_build import run_with_library
+    from test_unpatched_identity import unpatched_lib_dir
+    G, W, n_batch = 4, 16, 1
+    tokens = torch.randint(0, 317, (150,), generator=torch.Generator().manual_seed(8)).tolist()
+    got = np.asarray(run_with_library(unpatched_lib_dir(), "test_reference_llama_cpp", "chunked_logits",
+                                      str(tiny_f32_gguf), tokens, G, W, n_batch))
+    bug = tiny_reference.forward(tokens, mode="chunked", group_size=G, window=W, n_batch=n_batch,
+                                 pos_div_sign_bug=True)
+    fixed = tiny_reference.forward(tokens, mode="chunked", group_size=G, window=W, n_batch=n_batch)
+    assert np.abs(got - bug.numpy()).max() <= TOL
+    assert np.abs(got - fixed.numpy()).max() > 1e-2
