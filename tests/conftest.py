@@ -85,6 +85,22 @@ def tiny_qwen2_reference(tiny_qwen2_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_gguf(tiny_gguf_dir, make_tiny_gguf):
+    """A tiny random-weight qwen3 F32 GGUF (make_tiny_gguf.write_tiny_qwen3's defaults): the llama
+    fixture's sizes and tokenizer, but heads of 32 (attention.key_length; n_embd / n_head is 16),
+    per-head q/k norms, NeoX RoPE, RoPE base 1e6, no biases."""
+    return make_tiny_gguf.write_tiny_qwen3(tiny_gguf_dir / "tiny-qwen3-f32.gguf", weight_type="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_reference(tiny_qwen3_gguf):
+    """ReferenceModel of the tiny qwen3 F32 file in float64."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_qwen3_gguf, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma3_gguf(tiny_gguf_dir, make_tiny_gguf):
     """A tiny random-weight Gemma 3 F32 GGUF (make_tiny_gguf.write_tiny_gemma3's defaults): 4 layers,
     0 and 2 sliding-window (n_swa 10, RoPE base 1e4), 1 and 3 global (RoPE base 1e6), n_embd 64,

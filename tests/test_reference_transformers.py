@@ -9,8 +9,8 @@ replaces those two pieces (RMSNorm, rotary embedding) with the same formulas eva
 model's dtype; attention runs through SDPA, which computes in float64. Measured on this
 project's machine: max |diff| ~7e-15 (tiny fixtures) and ~9e-14 (SmolLM2, 64 tokens).
 Float32 (stock transformers, both in float32): ~5e-6 (tiny) and ~5e-5 (SmolLM2).
-transformers loads all four tiny fixtures (F32, F16, Q8_0, tied F32), the tiny qwen2 F32 fixture
-and SmolLM2 Q4_1.
+transformers loads all four tiny fixtures (F32, F16, Q8_0, tied F32), the tiny qwen2 and qwen3 F32
+fixtures and SmolLM2 Q4_1.
 """
 import types
 from pathlib import Path
@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GgufConfig, LlamaForCausalLM, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # noqa: E402
+from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3RMSNorm  # noqa: E402
 
 from selfextend_gguf.reference import ReferenceModel  # noqa: E402
 
@@ -47,7 +48,7 @@ def _rms_norm_in_model_dtype(self, x):
 def lift_float32_casts(model):
     """Evaluate transformers' RMSNorm and RoPE angles in the model's dtype (see module doc)."""
     for module in model.modules():
-        if isinstance(module, (LlamaRMSNorm, Qwen2RMSNorm)):
+        if isinstance(module, (LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)):
             module.forward = types.MethodType(_rms_norm_in_model_dtype, module)
     config = model.config
     assert config.rope_parameters["rope_type"] == "default"
@@ -103,6 +104,25 @@ def test_tiny_qwen2_matches_transformers(tiny_qwen2_gguf, tiny_qwen2_reference):
     tokens = torch.randint(0, 317, (200,), generator=torch.Generator().manual_seed(5)).tolist()
     diff64, diff32 = compare(tiny_qwen2_gguf, tiny_qwen2_reference, tokens, Qwen2ForCausalLM)
     print(f"qwen2: max|logit diff| float64 {diff64:.3g}, float32 {diff32:.3g}")
+    assert diff64 <= FP64_TOL
+    assert diff32 <= FP32_TOL
+
+
+def test_tiny_qwen3_matches_transformers(tiny_qwen3_gguf, tiny_qwen3_reference):
+    """Qwen3ForCausalLM: q/k RMSNorm per head before RoPE, heads of 32 (not n_embd / n_head = 16).
+    transformers' GGUF loader does not read qwen3's key_length (its Qwen3Config defaults to heads of
+    128), so head_dim is passed to it."""
+    head_dim = tiny_qwen3_reference.hparams.head_dim
+
+    def from_pretrained(*args, **kwargs):
+        model = Qwen3ForCausalLM.from_pretrained(*args, head_dim=head_dim, **kwargs)
+        assert model.config.head_dim == 32
+        return model
+
+    tokens = torch.randint(0, 317, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    diff64, diff32 = compare(tiny_qwen3_gguf, tiny_qwen3_reference, tokens,
+                             types.SimpleNamespace(from_pretrained=from_pretrained))
+    print(f"qwen3: max|logit diff| float64 {diff64:.3g}, float32 {diff32:.3g}")
     assert diff64 <= FP64_TOL
     assert diff32 <= FP32_TOL
 

@@ -1,4 +1,4 @@
-"""Independent PyTorch reference for Self-Extend on llama-, qwen2- and gemma3-architecture GGUF models.
+"""Independent PyTorch reference for Self-Extend on llama-, qwen2-, qwen3- and gemma3-architecture GGUF models.
 
     positions.py    grouped positions, neighbor mask, llama-completion's KV position shifts
     rope.py         RoPE as llama.cpp applies it (normal and NeoX layouts)

@@ -1,4 +1,4 @@
-"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, gemma3) with the
+"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma3) with the
 `gguf` package: hyperparameters (HParams, with the architecture's ArchOptions) and dequantized tensors.
 
 Tensors come back in torch order (the reverse of ggml's ne): a weight of ggml shape
@@ -52,6 +52,7 @@ class ArchOptions:
 ARCHITECTURES = {
     "llama": ArchOptions(),
     "qwen2": ArchOptions(rope_neox=True),  # + Q/K/V biases, which any file may carry (model.py)
+    "qwen3": ArchOptions(rope_neox=True, qk_norm=True),  # head_dim: attention.key_length, as any file may say
     "gemma3": ArchOptions(rope_neox=True, qk_norm=True, post_norms=True, ffn_act="gelu", embd_scale=True,
                           swa_pattern=6, logit_softcapping=True, attention_scale=gemma3_attention_scale),
 }

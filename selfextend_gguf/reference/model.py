@@ -10,6 +10,8 @@ plain torch: one decoder, with the per-architecture options of HParams.options (
 as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm, weights used as stored.
     llama   SwiGLU (act = silu), normal RoPE; Q/K/V biases (attn_{q,k,v}.bias) loaded if present
     qwen2   llama with NeoX RoPE (and the Q/K/V biases, added before RoPE)
+    qwen3   llama with NeoX RoPE and per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm; the model's
+            rms eps, as gemma3's) before RoPE; head_dim from attention.key_length (Qwen3: not n_embd / n_head)
     gemma3  NeoX RoPE; per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm) before RoPE; post-norms;
             GELU(tanh)-gated FFN; embeddings * sqrt(n_embd); scores scaled by 1/sqrt(head_dim)
             (27B: 1/sqrt(n_embd / n_head)); final logit softcapping; the HF -> GGUF converter already

@@ -1,4 +1,4 @@
-"""Write small random-weight llama- or qwen2-architecture GGUF files for tests.
+"""Write small random-weight llama-, qwen2-, qwen3- or gemma3-architecture GGUF files for tests.
 
 The files load in llama.cpp and transformers: GQA, a byte-level BPE (GPT-2 style) vocabulary of
 a few hundred tokens that tokenizes any text, ChatML special tokens and chat template.
@@ -6,13 +6,17 @@ llama: normal RoPE (llama.cpp's LLAMA_ROPE_TYPE_NORM). qwen2: the same plus bias
 and V projections, NeoX RoPE (LLAMA_ROPE_TYPE_NEOX, implied by the architecture) and RoPE base
 1e6. Same seed -> same weights for every weight type, so an F32, F16 and Q8_0 file differ only
 by storage precision; a qwen2 file has the llama file's weights plus its biases.
+qwen3 (write_tiny_qwen3): no biases, per-head RMSNorms of Q and K before RoPE (attn_q_norm,
+attn_k_norm), NeoX RoPE, RoPE base 1e6, and a head size (attention.key_length) that is not
+n_embd / n_head, as in Qwen3-0.6B (1024 = 16 heads x 64, heads of 128).
 
 gemma3 (write_tiny_gemma3): sliding-window and global layers, q/k norms, GELU-gated FFN, tied
 output (its own weights; see its docstring).
 
-    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
 
-Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_gemma3(path, ...),
+Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_qwen3(path, ...),
+write_tiny_gemma3(path, ...),
 write_unsupported_arch_gguf(path).
 """
 import argparse
@@ -28,12 +32,14 @@ WEIGHT_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-# what sets the architectures apart; llama.cpp reads both with the same hyperparameter keys.
-# rope_dims_key: llama.cpp's llama converter writes rope.dimension_count, its qwen2 converter
-# does not (llama.cpp then takes the head size)
+# what sets the architectures of write_tiny_model apart; llama.cpp reads them with the same
+# hyperparameter keys. rope_dims_key: llama.cpp's llama converter writes rope.dimension_count, its
+# qwen2 and qwen3 converters do not (llama.cpp then takes the head size). qk_norm: per-head
+# attn_q_norm / attn_k_norm weights. head_dim: the default head size (None: n_embd / n_head)
 ARCHITECTURES = {
-    "llama": dict(qkv_bias=False, rope_freq_base=10000.0, rope_dims_key=True),
-    "qwen2": dict(qkv_bias=True, rope_freq_base=1e6, rope_dims_key=False),
+    "llama": dict(qkv_bias=False, qk_norm=False, rope_freq_base=10000.0, rope_dims_key=True, head_dim=None),
+    "qwen2": dict(qkv_bias=True, qk_norm=False, rope_freq_base=1e6, rope_dims_key=False, head_dim=None),
+    "qwen3": dict(qkv_bias=False, qk_norm=True, rope_freq_base=1e6, rope_dims_key=False, head_dim=32),
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # bos, chat start, eos
 CHATML_TEMPLATE = (
@@ -116,20 +122,21 @@ def tiny_vocab(n_vocab=320):
 # ----------------------------------------------------------------------------- weights
 
 def random_llama_weights(rng, n_vocab, n_embd, n_head, n_head_kv, n_layer, n_ff, tied_output,
-                         qkv_bias=False):
+                         qkv_bias=False, qk_norm=False, head_dim=None):
     """{gguf tensor name: float32 array in torch order [out, in]}.
 
     Scales keep activations O(1): q, k, v entries ~1 from a unit-RMS input, attention scores of
     std ~1 (not uniform, so positions matter), residual updates ~0.5, logits of std ~2.
-    qkv_bias adds the biases (drawn last: the other weights do not change).
+    qkv_bias adds the biases, qk_norm the per-head q/k norm weights [head_dim] (both drawn last:
+    the other weights do not change). head_dim None: n_embd // n_head.
     """
-    head_dim = n_embd // n_head
+    head_dim = n_embd // n_head if head_dim is None else head_dim
 
     def normal(std, *shape):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    def norm_weight():
-        return (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+    def norm_weight(n=n_embd):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     proj = 1.0 / np.sqrt(n_embd)
     w = {"token_embd.weight": normal(0.5, n_vocab, n_embd)}
@@ -149,6 +156,10 @@ def random_llama_weights(rng, n_vocab, n_embd, n_head, n_head_kv, n_layer, n_ff,
         w["output.weight"] = output
     if qkv_bias:
         w.update(random_qkv_biases(rng, n_layer, n_head * head_dim, n_head_kv * head_dim))
+    if qk_norm:
+        for i in range(n_layer):
+            w[f"blk.{i}.attn_q_norm.weight"] = norm_weight(head_dim)
+            w[f"blk.{i}.attn_k_norm.weight"] = norm_weight(head_dim)
     return w
 
 
@@ -173,35 +184,42 @@ def add_weight(writer, name, array, qtype):
 
 
 def write_tiny_model(path, arch="llama", *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4,
-                     n_head_kv=2, n_layer=2, n_ff=128, n_vocab=320, rope_freq_base=None,
+                     n_head_kv=2, n_layer=2, n_ff=128, n_vocab=320, head_dim=None, rope_freq_base=None,
                      rope_scaling=None, rope_scaling_factor=1.0, rope_freq_factors=False,
                      rms_eps=1e-5, tied_output=False, seed=0):
     """Write a random-weight GGUF of architecture arch (see ARCHITECTURES) to path and return
-    path (as a Path). rope_freq_base None: the architecture's default. rope_scaling: "linear" or
-    "yarn" metadata with rope_scaling_factor; rope_freq_factors: a random per-frequency divisor
-    tensor rope_freqs.weight in [1, 4], as Llama 3.1 models carry."""
+    path (as a Path). head_dim, rope_freq_base None: the architecture's default (head_dim: n_embd
+    / n_head unless the architecture has its own); a head_dim other than n_embd / n_head is
+    written as attention.key_length / value_length. rope_scaling: "linear" or "yarn" metadata
+    with rope_scaling_factor; rope_freq_factors: a random per-frequency divisor tensor
+    rope_freqs.weight in [1, 4], as Llama 3.1 models carry."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
-    if n_embd % n_head or n_head % n_head_kv:
-        raise ValueError("n_embd must be a multiple of n_head, and n_head of n_head_kv")
     spec = ARCHITECTURES[arch]
+    head_dim = spec["head_dim"] if head_dim is None else head_dim
+    if (head_dim is None and n_embd % n_head) or n_head % n_head_kv:
+        raise ValueError("n_embd must be a multiple of n_head (or head_dim given), and n_head of n_head_kv")
+    head_dim = n_embd // n_head if head_dim is None else head_dim
     qtype, file_type = WEIGHT_TYPES[weight_type]
     tokens, token_types, merges = tiny_vocab(n_vocab)
     weights = random_llama_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head,
-                                   n_head_kv, n_layer, n_ff, tied_output, qkv_bias=spec["qkv_bias"])
+                                   n_head_kv, n_layer, n_ff, tied_output, qkv_bias=spec["qkv_bias"],
+                                   qk_norm=spec["qk_norm"], head_dim=head_dim)
     path = Path(path)
     writer = new_writer(path, arch, weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
                         n_ff, n_head, n_head_kv)
+    if head_dim * n_head != n_embd:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     if spec["rope_dims_key"]:
-        writer.add_rope_dimension_count(n_embd // n_head)
+        writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(spec["rope_freq_base"] if rope_freq_base is None else rope_freq_base)
     if rope_scaling is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
         writer.add_rope_scaling_factor(rope_scaling_factor)
     if rope_freq_factors:
-        head_dim = n_embd // n_head
         factors = np.random.default_rng(seed + 1).uniform(1.0, 4.0, size=head_dim // 2).astype(np.float32)
         writer.add_tensor("rope_freqs.weight", factors)
     writer.add_layer_norm_rms_eps(rms_eps)
@@ -259,6 +277,13 @@ def write_tiny_qwen2(path, **kwargs):
     """A random-weight qwen2 GGUF: Q/K/V biases, NeoX RoPE, RoPE base 1e6 (keyword arguments:
     write_tiny_model's); returns its Path."""
     return write_tiny_model(path, "qwen2", **kwargs)
+
+
+def write_tiny_qwen3(path, **kwargs):
+    """A random-weight qwen3 GGUF (llama.cpp's src/models/qwen3.cpp): per-head q/k RMSNorms before
+    RoPE, NeoX RoPE, RoPE base 1e6, no biases, SwiGLU, heads of 32 with n_embd 64 and 4 heads
+    (attention.key_length; keyword arguments: write_tiny_model's); returns its Path."""
+    return write_tiny_model(path, "qwen3", **kwargs)
 
 
 # ----------------------------------------------------------------------------- gemma3
