@@ -304,6 +304,30 @@ class ChatSession:
 
 # ----------------------------------------------------------------------------- opening
 
+def size_prompt(info, documents: list[Document], question: str = "", raw: bool | None = False,
+                verbose: bool = False) -> tuple[int, list[int], str]:
+    """(tokens of the conversation holding the documents and question, each document's tokens, the
+    prompt format's name), on the model's vocabulary alone (no weights): how the context is sized
+    before the model is loaded. raw=None: the chat template where the model has one, else raw text."""
+    vocabulary = Llama(str(info.path), vocab_only=True, n_ctx=info.n_ctx_train, verbose=verbose)
+    try:
+        if raw:
+            prompt_format = RawText()
+        else:
+            try:
+                prompt_format = ChatTemplate(vocabulary)
+            except SetupError:
+                if raw is not None:
+                    raise
+                prompt_format = RawText()  # no chat template: run --raw is the way to use it
+        per_document = [len(vocabulary.tokenize(doc.text.encode("utf-8"), add_bos=False)) for doc in documents]
+        sizing = ChatSession(vocabulary, prompt_format, documents)
+        n_prompt = len(sizing.tokenize(sizing.conversation(question or "A")))
+    finally:
+        vocabulary.close()
+    return n_prompt, per_document, prompt_format.name
+
+
 def open_session(model_path, documents: list[Document], *, question: str = "", room: int = CHAT_ROOM,
                  n_ctx: int | None = None, grp_attn_n="auto", grp_attn_w: int | None = None,
                  raw: bool = False, max_answer_tokens: int = 1024, sampling: dict | None = None,
@@ -317,19 +341,12 @@ def open_session(model_path, documents: list[Document], *, question: str = "", r
     except ValueError as error:
         raise SetupError(str(error)) from None
     # the vocabulary alone (no weights) tokenizes the documents before n_ctx is known
-    vocabulary = Llama(str(info.path), vocab_only=True, n_ctx=info.n_ctx_train, verbose=verbose)
-    try:
-        prompt_format = RawText() if raw else ChatTemplate(vocabulary)
-        sizing = ChatSession(vocabulary, prompt_format, documents)
-        n_prompt = len(sizing.tokenize(sizing.conversation(question or "A")))
-    finally:
-        vocabulary.close()
+    n_prompt, _, _ = size_prompt(info, documents, question, raw, verbose)
     plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
                         grp_attn_w=grp_attn_w, n_documents=n_prompt, sliding_window=info.sliding_window)
     llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, grp_attn_n=plan.self_extend.group_size,
                        grp_attn_w=plan.self_extend.neighbor_window or None, flash_attn=flash_attn,
                        verbose=verbose)
-    if not raw:
-        prompt_format = ChatTemplate(llm)
+    prompt_format = RawText() if raw else ChatTemplate(llm)
     return ChatSession(llm, prompt_format, documents, max_answer_tokens=max_answer_tokens,
                        sampling=sampling or {})

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import settings
-from .documents import load_documents, read_text_file
+from .documents import STDIN, DocumentError, load_documents, read_text_file
 from .gguf_info import read_model_info
 from .models import ModelNotInstalledError, default_model_path
 from .serve import add_serve_arguments
@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--flash-attn", "-fa", choices=("on", "off"), default="on",
                        help="flash attention (default: on, the fastest path)")
 
-    generation = argparse.ArgumentParser(add_help=False, parents=[model])
-    generation.add_argument("--doc", "-d", action="extend", nargs="+", default=[], metavar="FILE",
-                            help="text or Markdown file(s) to read first")
+    documents = argparse.ArgumentParser(add_help=False)
+    documents.add_argument("--doc", "-d", action="extend", nargs="+", default=[], metavar="FILE",
+                           help="documents to read first: text, Markdown, PDF, EPUB, HTML, DOCX (by content), "
+                           "folders of them, - for stdin")
+
+    generation = argparse.ArgumentParser(add_help=False, parents=[model, documents])
     generation.add_argument("--temp", type=float, metavar="T", help="sampling temperature (0 = greedy)")
     generation.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's logs")
 
@@ -87,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
     run.set_defaults(handler=run_command, temp_default=0.0)
 
-    info = commands.add_parser("info", parents=[model], help="what a model is and how far Self-Extend takes it",
+    info = commands.add_parser("info", parents=[model, documents],
+                               help="what a model is and how far Self-Extend takes it",
                                description="Show a GGUF model's metadata and the Self-Extend settings for "
-                               "--ctx (or how far several group sizes reach), without loading it.")
+                               "--ctx (or how far several group sizes reach), without loading it; with --doc, "
+                               "each document's kind, size and tokens and the G and W that chat and run pick.")
     info.set_defaults(handler=info_command)
 
     serve = commands.add_parser("serve", help="llama.cpp's llama-server with exact Self-Extend in every slot",
@@ -137,7 +142,7 @@ def open_for(args, *, question: str = "", room: int, raw: bool = False):
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     if not args.verbose:
         quiet_llama_logs()
-    documents = load_documents(args.doc)
+    documents = load_with_progress(args.doc)
     temperature = args.temp if args.temp is not None else args.temp_default
     with stderr.status("loading the model"):
         session = chat.open_session(model_path(args), documents, question=question, room=room,
@@ -150,6 +155,24 @@ def open_for(args, *, question: str = "", room: int, raw: bool = False):
     say(f"{llm.model_info.path.name}: n_ctx {session.n_ctx:,} (trained on {llm.model_info.n_ctx_train:,}), "
         f"{extend}", style="dim")
     return session
+
+
+def load_with_progress(paths):
+    """load_documents with a progress bar for the pages and chapters of PDFs and EPUBs (gone when done)."""
+    if not stderr.is_terminal:  # a log or a pipe: no bar, no stray blank line
+        return load_documents(paths)
+    progress = Progress(TextColumn("extracting {task.description}"), BarColumn(),
+                        TextColumn("{task.completed:,}/{task.total:,}"), TimeRemainingColumn(), console=stderr,
+                        transient=True)
+    tasks = {}
+
+    def advance(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total)
+        progress.update(tasks[name], completed=done)
+
+    with progress:
+        return load_documents(paths, on_progress=advance)
 
 
 class TokenSpeedColumn(ProgressColumn):
@@ -214,6 +237,9 @@ def run_command(args) -> int:
 
 def chat_command(args) -> int:
     from .chat import CHAT_ROOM
+    if STDIN in args.doc and not sys.stdin.isatty():
+        raise DocumentError("chat --doc - would use up standard input, which the chat reads its questions "
+                            "from; pass a file, or use run --doc - for one question")
     session = open_for(args, room=CHAT_ROOM)
     ingest(session)
     return ChatLoop(session).run()
@@ -373,6 +399,8 @@ def info_command(args) -> int:
     table.add_row("quantization", file_type_name(info.file_type))
     table.add_row("size", f"{info.size_bytes / 2**20:,.1f} MiB")
     stdout.print(table)
+    if args.doc:
+        return info_documents(args, info)
     if not info.has_rope:
         stdout.print(f"Self-Extend: not possible ({info.architecture} has no RoPE)")
         return 0
@@ -394,6 +422,34 @@ def info_command(args) -> int:
     else:
         stdout.print(f"Self-Extend for --ctx {n_ctx:,}: off, the trained context ({reach:,} tokens) holds it",
                      soft_wrap=True)
+    return 0
+
+
+def info_documents(args, info) -> int:
+    """Each document's kind, sections, characters and tokens, and the n_ctx, G and W that chat and run
+    (with its default -n) would pick for them: the sizing open_session does, on the vocabulary only."""
+    from .chat import CHAT_ROOM, UTF8_SLACK, plan_context, size_prompt
+    documents = load_with_progress(args.doc)
+    quiet_llama_logs()
+    n_prompt, per_document, format_name = size_prompt(info, documents, raw=None)
+    table = Table("document", "kind", "pages/chapters", "characters", "tokens")
+    for doc, tokens in zip(documents, per_document):
+        sections = f"{doc.sections:,} {doc.sections_name}" if doc.sections is not None else "-"
+        table.add_row(doc.name, doc.kind, sections, f"{len(doc.text):,}", f"{tokens:,}")
+    stdout.print()
+    stdout.print(table)
+    stdout.print(f"prompt with the documents: {n_prompt:,} tokens ({format_name} format)")
+    if not info.has_rope:
+        stdout.print(f"Self-Extend: not possible ({info.architecture} has no RoPE)")
+        return 0
+    for command, room in (("chat", CHAT_ROOM), (f"run -n {RUN_TOKENS}", RUN_TOKENS)):
+        plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=args.ctx,
+                            grp_attn_n=args.grp_attn_n, grp_attn_w=args.grp_attn_w, n_documents=n_prompt,
+                            sliding_window=info.sliding_window)
+        extend = (f"--grp-attn-n {plan.self_extend.group_size} --grp-attn-w {plan.self_extend.neighbor_window}, "
+                  f"reaching {plan.reach:,} tokens" if plan.self_extend.enabled
+                  else "Self-Extend off (the trained context holds it)")
+        stdout.print(f"{command}: n_ctx {plan.n_ctx:,}, {extend}", soft_wrap=True)
     return 0
 
 

@@ -75,6 +75,18 @@ def fallbacks_lib_dir(which: str = "ON") -> Path:
     return library.parent
 
 
+UNPATCHED_BUILD = ROOT / "build" / "unpatched"
+
+
+def unpatched_lib_dir() -> Path:
+    """Plain llama.cpp from the same pinned source, without patches/."""
+    library = UNPATCHED_BUILD / "bin" / "libllama.so"
+    if not library.exists():  # built once: the unpatched source does not change
+        build_llama_cpp(UNPATCHED_BUILD, ["-DSELFEXTEND_APPLY_PATCHES=OFF"], ["llama"])
+    assert library.exists(), f"the unpatched build did not produce {library}"
+    return library.parent
+
+
 # a process loads one libllama: the child imports the test module with SELFEXTEND_GGUF_LIB_PATH set
 _CHILD = """
 import importlib, json, sys

@@ -11,22 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selfextend_gguf.testing.cli import cli_env, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the pass key?"
 FOLLOW_UP = "Say it again."
 
 
-def cli_env() -> dict:
-    """os.environ (SELFEXTEND_GGUF_LIB_PATH included, if set) with this checkout importable, and a
-    plain terminal: TERM=dumb keeps prompt_toolkit and rich free of cursor codes."""
-    env = dict(os.environ, TERM="dumb", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="200", NO_COLOR="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return env
-
-
 def selfextend_gguf(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "selfextend_gguf", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, env=cli_env(), timeout=120)
+    return run_cli(*args, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +82,16 @@ def test_plan_context_sizes_and_chooses():
 def bad_files(tmp_path_factory, tiny_f32_gguf) -> dict:
     folder = tmp_path_factory.mktemp("bad")
     files = {"folder": folder / "a-folder", "empty": folder / "empty.txt", "latin1": folder / "latin1.txt",
-             "binary": folder / "data.bin", "text_model": folder / "model.gguf", "truncated": folder / "cut.gguf"}
+             "binary": folder / "data.bin", "text_model": folder / "model.gguf", "truncated": folder / "cut.gguf",
+             "cut_pdf": folder / "cut.pdf", "image": folder / "photo.txt"}
     files["folder"].mkdir()
     files["empty"].write_text("  \n\n")
     files["latin1"].write_bytes("Caf\xe9 cr\xe8me, na\xefve fa\xe7ade.".encode("latin-1"))
     files["binary"].write_bytes(b"\x00\x01\x02GGUF" * 100)
     files["text_model"].write_text("not a model")
     files["truncated"].write_bytes(Path(tiny_f32_gguf).read_bytes()[:1000])
+    files["cut_pdf"].write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")
+    files["image"].write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
     return files
 
 
@@ -105,11 +101,14 @@ BAD_INPUTS = {
     "not GGUF": (["--model", "{text_model}"], 2, "is not a GGUF file"),
     "truncated GGUF": (["--model", "{truncated}"], 2, "not a readable GGUF file"),
     "missing document": (["--doc", "/no/such/notes.md"], 2, "document not found: /no/such/notes.md"),
-    "folder as document": (["--doc", "{folder}"], 2, "is a folder"),
+    "folder without documents": (["--doc", "{folder}"], 2, "has no documents (text, markdown, pdf"),
+    "truncated PDF": (["--doc", "{cut_pdf}"], 2, "is a truncated PDF (no %%EOF at its end)"),
+    "image as document": (["--doc", "{image}"], 2, "is a JPEG image, not a type read here"),
     "empty document": (["--doc", "{empty}"], 2, "is empty"),
     "non-UTF-8 document": (["--doc", "{latin1}"], 2, "is not UTF-8 text (byte 0xe9 at offset 3)"),
     "binary document": (["--doc", "{binary}"], 2, "looks like a binary file"),
     "missing prompt file": (["-f", "/no/such/prompt.txt"], 2, "prompt file not found"),
+    "prompt file is a folder": (["-f", "{folder}"], 2, "is a folder; pass the files in it"),
     "G not a number": (["--grp-attn-n", "many"], 2, "--grp-attn-n: must be an integer >= 1 or 'auto'"),
     "G zero": (["--grp-attn-n", "0"], 2, "--grp-attn-n: must be an integer >= 1 or 'auto'"),
     "W zero": (["--grp-attn-w", "0"], 2, "--grp-attn-w: must be an integer >= 1"),

@@ -109,8 +109,7 @@ def chunked_logits(path, tokens, G, W, n_batch) -> list:
 def test_stock_llama_cpp_has_the_pos_div_sign_bug(tiny_f32_gguf, tiny_reference):
     """The same loop on an unpatched build matches the reference's pos_div_sign_bug=True: the
     difference above is patch 0009's."""
-    from native_build import run_with_library
-    from test_unpatched_identity import unpatched_lib_dir
+    from native_build import run_with_library, unpatched_lib_dir
     G, W, n_batch = 4, 16, 1
     tokens = torch.randint(0, 317, (150,), generator=torch.Generator().manual_seed(8)).tolist()
     got = np.asarray(run_with_library(unpatched_lib_dir(), "test_reference_llama_cpp", "chunked_logits",

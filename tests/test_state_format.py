@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from selfextend_gguf._native import lib_dir
-from test_unpatched_identity import unpatched_lib_dir
+from native_build import unpatched_lib_dir
 
 LLAMA_STATE_SEQ_MAGIC = 0x67677371           # 'ggsq'
 LLAMA_STATE_SEQ_VERSION = 3                  # stock llama.cpp 0c1e570

@@ -2,7 +2,7 @@
 llama.cpp computes: same logits, bit for bit.
 
 The unpatched library is built once from the same pinned source without patches/ (CMake option
-SELFEXTEND_APPLY_PATCHES=OFF) into build/unpatched; a first run takes a few minutes. Each library
+SELFEXTEND_APPLY_PATCHES=OFF) into build/unpatched (native_build.unpatched_lib_dir); a first run takes a few minutes. Each library
 runs in its own process, since a process loads one libllama.
 """
 import os
@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from native_build import ROOT, build_llama_cpp
+from native_build import unpatched_lib_dir
 from selfextend_gguf._native import lib_dir
-
-UNPATCHED_BUILD = ROOT / "build" / "unpatched"
 
 # runs in a child process with LLAMA_CPP_LIB_PATH set: plain llama-cpp-python, no selfextend_gguf
 EVAL_SCRIPT = """
@@ -32,14 +30,6 @@ for token in tokens[n_tokens - 16:]:
     llm.eval([token])
 np.save(out, np.asarray(llm.scores[:n_tokens]))
 """
-
-
-def unpatched_lib_dir() -> Path:
-    library = UNPATCHED_BUILD / "bin" / "libllama.so"
-    if not library.exists():  # built once: the unpatched source does not change
-        build_llama_cpp(UNPATCHED_BUILD, ["-DSELFEXTEND_APPLY_PATCHES=OFF"], ["llama"])
-    assert library.exists(), f"the unpatched build did not produce {library}"
-    return library.parent
 
 
 def logits_with(library_dir: Path, model: Path, n_tokens: int, type_k: int, out: Path) -> np.ndarray:
