@@ -3,6 +3,7 @@
 
     python examples/make_long_document.py long.txt            # ~12,000 tokens for SmolLM2
     selfextend-gguf run --doc long.txt --raw -p "What is the pass key? The pass key is"
+    python examples/make_long_document.py long.pdf            # the same text as a PDF, 48 lines a page
 
 The text follows the pass key test of the Self-Extend paper (LongLM, arXiv 2401.01325): an
 instruction, many repeats of the same irrelevant sentences, and one sentence that matters.
@@ -11,6 +12,8 @@ on: without Self-Extend the model cannot read it, with Self-Extend it finds the 
 """
 import argparse
 from pathlib import Path
+
+LINES_PER_PDF_PAGE = 48  # 12 pt Helvetica, 14 pt apart, on a US Letter page
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n")
@@ -28,13 +31,19 @@ def long_document(n_tokens: int = 12_000, key: int = 71432, depth: float = 0.5) 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", type=Path, help="the text file to write")
+    parser.add_argument("output", type=Path, help="the file to write: text, or a PDF if it ends in .pdf")
     parser.add_argument("--tokens", type=int, default=12_000, help="about how many tokens (default 12000)")
     parser.add_argument("--key", type=int, default=71432, help="the pass key (default 71432)")
     parser.add_argument("--depth", type=float, default=0.5, help="where the key is, 0 to 1 (default 0.5)")
     args = parser.parse_args(argv)
     text = long_document(args.tokens, args.key, args.depth)
-    args.output.write_text(text, encoding="utf-8")
+    if args.output.suffix.lower() == ".pdf":
+        from selfextend_gguf.testing.documents import make_pdf
+        lines = text.splitlines()
+        pages = ["\n".join(lines[i:i + LINES_PER_PDF_PAGE]) for i in range(0, len(lines), LINES_PER_PDF_PAGE)]
+        args.output.write_bytes(make_pdf(pages))
+    else:
+        args.output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output}: {len(text):,} characters, about {args.tokens:,} tokens, "
           f"pass key {args.key} at {args.depth:.0%}")
 

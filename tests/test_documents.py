@@ -1,42 +1,15 @@
 """Documents of every supported type, written at test time (no binary fixtures): what the model reads
 from each, and the one-line errors for files that cannot be read."""
 import io
+from pathlib import Path
 
 import pytest
 
 from selfextend_gguf.documents import DocumentError, documents_text, load_documents, sniff
 from selfextend_gguf.testing.cli import run_cli
+from selfextend_gguf.testing.documents import make_pdf
 
 PAGES = ["Page one says alpha.\nA second line.", "Page two says beta.", "Page three says gamma."]
-
-
-def make_pdf(pages) -> bytes:
-    """A PDF with one page per item, its text in Helvetica; None: a page with only a filled rectangle
-    (as a scan: no text layer). Written by hand, with a correct xref table."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", None, b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    kids = []
-    for text in pages:
-        if text is None:
-            stream = b"0.5 g 72 72 400 600 re f"
-        else:
-            lines = [b"(%s) Tj T*" % line.encode("latin-1") for line in text.split("\n")]
-            stream = b"BT /F1 12 Tf 14 TL 72 720 Td " + b" ".join(lines) + b" ET"
-        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
-        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
-                       b"/Contents %d 0 R >>" % len(objects))
-        kids.append(len(objects))
-    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % k for k in kids), len(kids))
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
-    return out.getvalue()
 
 
 def encrypted(pdf: bytes, user_password: str) -> bytes:
@@ -232,3 +205,16 @@ def test_info_shows_each_document_and_the_settings_it_needs(files, tiny_f32_gguf
     assert re.search(r"run -n 256: n_ctx [\d,]+, --grp-attn-n \d+ --grp-attn-w 8", result.stdout), result.stdout
     bad = cli("info", "--model", tiny_f32_gguf, "--doc", files["scan"])
     assert bad.returncode == 2 and "no extractable text" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_readme_pdf_example_reads_back_with_the_key_on_one_page(tmp_path):
+    """examples/make_long_document.py long.pdf: the README's scripted PDF check reads the same text."""
+    import runpy
+    pdf = tmp_path / "long.pdf"
+    example = Path(__file__).resolve().parents[1] / "examples" / "make_long_document.py"
+    runpy.run_path(str(example), run_name="not_main")["main"]([str(pdf), "--tokens", "3000"])
+    document, = load_documents([pdf])
+    assert document.kind == "pdf" and document.sections > 1
+    pages = document.text.split("--- page ")[1:]
+    assert len(pages) == document.sections
+    assert [("The pass key is 71432." in page) for page in pages].count(True) == 1
