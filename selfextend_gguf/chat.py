@@ -305,10 +305,11 @@ class ChatSession:
 # ----------------------------------------------------------------------------- opening
 
 def size_prompt(info, documents: list[Document], question: str = "", raw: bool | None = False,
-                verbose: bool = False) -> tuple[int, list[int], str]:
-    """(tokens of the conversation holding the documents and question, each document's tokens, the
-    prompt format's name), on the model's vocabulary alone (no weights): how the context is sized
-    before the model is loaded. raw=None: the chat template where the model has one, else raw text."""
+                verbose: bool = False, each_document: bool = False) -> tuple[int, list[int], str]:
+    """(tokens of the conversation holding the documents and question, each document's tokens if
+    each_document (else []), the prompt format's name), on the model's vocabulary alone (no weights):
+    how the context is sized before the model is loaded. raw=None: the chat template where the model
+    has one, else raw text."""
     vocabulary = Llama(str(info.path), vocab_only=True, n_ctx=info.n_ctx_train, verbose=verbose)
     try:
         if raw:
@@ -320,7 +321,8 @@ def size_prompt(info, documents: list[Document], question: str = "", raw: bool |
                 if raw is not None:
                     raise
                 prompt_format = RawText()  # no chat template: run --raw is the way to use it
-        per_document = [len(vocabulary.tokenize(doc.text.encode("utf-8"), add_bos=False)) for doc in documents]
+        per_document = [len(vocabulary.tokenize(doc.text.encode("utf-8"), add_bos=False))
+                        for doc in documents] if each_document else []
         sizing = ChatSession(vocabulary, prompt_format, documents)
         n_prompt = len(sizing.tokenize(sizing.conversation(question or "A")))
     finally:

@@ -431,7 +431,7 @@ def info_documents(args, info) -> int:
     from .chat import CHAT_ROOM, UTF8_SLACK, plan_context, size_prompt
     documents = load_with_progress(args.doc)
     quiet_llama_logs()
-    n_prompt, per_document, format_name = size_prompt(info, documents, raw=None)
+    n_prompt, per_document, format_name = size_prompt(info, documents, raw=None, each_document=True)
     table = Table("document", "kind", "pages/chapters", "characters", "tokens")
     for doc, tokens in zip(documents, per_document):
         sections = f"{doc.sections:,} {doc.sections_name}" if doc.sections is not None else "-"
