@@ -6,7 +6,7 @@ For each configuration, in its own process (one libllama per process, fresh cach
   (both timed by selfextend_gguf.evaluate.timing, as the evaluation's throughput task times them)
   memory   - KV cache size and compute buffer size, as llama.cpp reports them
 
-Configurations: Self-Extend on (G, W) and off, each with flash attention off and on. Prints a
+Configurations: Self-Extend on (--group-size G, --window W; 4 and 1024 by default) and off, each with flash attention off and on. Prints a
 Markdown table of ratios against off on the same attention path (the same flash attention
 setting), and against off without flash attention. Usage:
 
@@ -25,10 +25,10 @@ import subprocess
 import sys
 
 CONFIGS = {
-    "self-extend": dict(grp_attn_n=4, flash_attn=False),
-    "off": dict(grp_attn_n=1, flash_attn=False),
-    "self-extend, flash attn": dict(grp_attn_n=4, flash_attn=True),
-    "off, flash attn": dict(grp_attn_n=1, flash_attn=True),
+    "self-extend": dict(self_extend=True, flash_attn=False),
+    "off": dict(self_extend=False, flash_attn=False),
+    "self-extend, flash attn": dict(self_extend=True, flash_attn=True),
+    "off, flash attn": dict(self_extend=False, flash_attn=True),
 }
 
 
@@ -38,12 +38,12 @@ def baseline(name: str) -> str:
 
 
 def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode: int, threads: int,
-            window: int) -> dict:
+            window: int, group_size: int) -> dict:
     """Runs inside a child process (see main)."""
     import numpy as np
     from selfextend_gguf.evaluate import methods, timing  # the evaluation's way of timing
 
-    method = f"exact-g{config['grp_attn_n']}-w{window}" if config["grp_attn_n"] > 1 else "vanilla"
+    method = f"exact-g{group_size}-w{window}" if config["self_extend"] else "vanilla"
     runner = methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads,
                           flash_attn=config["flash_attn"], n_batch=512, verbose=True)
     tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
@@ -63,7 +63,7 @@ def parse_memory(log: str) -> dict:
 def run_child(args, name: str) -> dict:
     command = [sys.executable, __file__, "--child", name, "--model", args.model, "--prefill", str(args.prefill),
                "--decode-at", str(args.decode_at), "--decode", str(args.decode), "--threads", str(args.threads),
-               "--window", str(args.window)]
+               "--window", str(args.window), "--group-size", str(args.group_size)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--decode-at", type=int, default=12288)
     parser.add_argument("--decode", type=int, default=64, help="decode steps to time")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--window", type=int, default=1024, help="Self-Extend W (G is 4)")
+    parser.add_argument("--window", type=int, default=1024, help="Self-Extend W")
+    parser.add_argument("--group-size", type=int, default=4, help="Self-Extend G")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every configuration this many times, interleaved, and report the median")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
@@ -93,7 +94,7 @@ def main() -> None:
 
     if args.child:
         print(json.dumps(measure(args.model, CONFIGS[args.child], args.prefill, args.decode_at, args.decode,
-                                 args.threads, args.window)))
+                                 args.threads, args.window, args.group_size)))
         return
 
     names = [name for name in CONFIGS if name in args.configs or name in map(baseline, args.configs)]
@@ -108,15 +109,16 @@ def main() -> None:
         for key in ("prefill_tps", "decode_tps"):
             results[name][key] = statistics.median(r[key] for r in measured)
     print(f"\n{os.path.basename(args.model)}, {args.threads} threads, prefill {args.prefill} tokens, "
-          f"decode at {args.decode_at} tokens, Self-Extend G=4 W={args.window}\n")
+          f"decode at {args.decode_at} tokens, Self-Extend G={args.group_size} W={args.window}, "
+          f"median of {args.repeats}\n")
     print("| configuration | prefill tok/s | decode tok/s | KV MiB | compute MiB "
-          "| prefill vs off, same path | decode vs off, same path | KV vs off |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| prefill vs off, same path | decode vs off, same path | KV vs off | compute vs off |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         base = results[baseline(name)]
         print(f"| {name} | {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {r['kv_mib']} | {r['compute_mib']} | "
               f"{r['prefill_tps'] / base['prefill_tps']:.2f}x | {r['decode_tps'] / base['decode_tps']:.2f}x | "
-              f"{r['kv_mib'] / base['kv_mib']:.2f}x |")
+              f"{r['kv_mib'] / base['kv_mib']:.2f}x | {r['compute_mib'] / base['compute_mib']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), results=results), f, indent=2)
