@@ -401,8 +401,7 @@ def info_command(args) -> int:
     stdout.print(table)
     if args.doc:
         return info_documents(args, info)
-    if not info.has_rope:
-        stdout.print(f"Self-Extend: not possible ({info.architecture} has no RoPE)")
+    if refuse_self_extend(info):
         return 0
     window = args.grp_attn_w or settings.default_window(info.n_ctx_train, info.sliding_window)
     if args.ctx is None and args.grp_attn_n == "auto":
@@ -425,6 +424,13 @@ def info_command(args) -> int:
     return 0
 
 
+def refuse_self_extend(info) -> bool:
+    """Print why Self-Extend cannot run on the model, if it cannot; True then."""
+    if info.self_extend_refusal:
+        stdout.print(f"Self-Extend: not possible ({info.architecture} {info.self_extend_refusal})", soft_wrap=True)
+    return bool(info.self_extend_refusal)
+
+
 def info_documents(args, info) -> int:
     """Each document's kind, sections, characters and tokens, and the n_ctx, G and W that chat and run
     (with its default -n) would pick for them: the sizing open_session does, on the vocabulary only."""
@@ -439,8 +445,7 @@ def info_documents(args, info) -> int:
     stdout.print()
     stdout.print(table)
     stdout.print(f"prompt with the documents: {n_prompt:,} tokens ({format_name} format)")
-    if not info.has_rope:
-        stdout.print(f"Self-Extend: not possible ({info.architecture} has no RoPE)")
+    if refuse_self_extend(info):
         return 0
     for command, room in (("chat", CHAT_ROOM), (f"run -n {RUN_TOKENS}", RUN_TOKENS)):
         plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=args.ctx,

@@ -7,9 +7,34 @@ from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
 
-# llama.cpp architectures whose attention has no RoPE (ALiBi, relative buckets, or no attention)
-NO_ROPE_ARCHITECTURES = {"bloom", "mpt", "jais", "t5", "t5encoder", "mamba", "mamba2", "rwkv6", "rwkv7",
-                         "rwkv6qwen2", "arwkv7", "bert", "nomic-bert", "jina-bert-v2", "gpt2"}
+# Architectures that Self-Extend refuses, by the reason (llama.cpp's names, general.architecture).
+# Self-Extend regroups the positions that RoPE rotates the cached keys to, so it needs a causal
+# decoder whose every attention layer caches RoPE-rotated keys (docs/backends.md has the table).
+# The patched llama_set_self_extend refuses the same models by their properties (rope type, MLA,
+# memory type, causality), for the native tools.
+REFUSED_ARCHITECTURES = {
+    "has no RoPE (ALiBi, relative position buckets or learned positions)":
+        {"bloom", "mpt", "jais", "t5", "gpt2", "starcoder", "refact", "gptneox-alibi"},
+    "has a recurrent or hybrid memory, whose state has no positions to regroup":
+        {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "jamba", "falcon-h1", "plamo2",
+         "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe", "qwen3next", "kimi-linear",
+         "bailingmoe3", "kimi-k3", "glm5-next", "qwen35", "qwen35moe", "qwen4exp", "deepseek4", "minimax-01"},
+    "uses multi-head latent attention (MLA): its cache holds K compressed before RoPE, with a separate "
+    "rotated part that llama.cpp does not regroup":
+        {"deepseek2", "deepseek32", "minicpm3", "plm", "dots3note", "glm-dsa", "hy_v4"},
+    "is not a causal decoder (an encoder or a diffusion model): there is no 'past' to group":
+        {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "neo-bert", "modern-bert",
+         "t5encoder", "dream", "llada", "llada-moe", "rnd1"},
+}
+
+
+def self_extend_refusal(architecture: str) -> str | None:
+    """Why Self-Extend cannot run on this architecture, or None."""
+    return next((reason for reason, names in REFUSED_ARCHITECTURES.items() if architecture in names), None)
+
+
+# llama.cpp's n_swa where a GGUF has no {arch}.attention.sliding_window key (llama_model_gemma2)
+DEFAULT_SLIDING_WINDOW = {"gemma2": 4096}
 
 
 @dataclass(frozen=True)
@@ -22,17 +47,24 @@ class ModelInfo:
     rope_dimension_count: int | None
     file_type: int | None
     size_bytes: int
-    sliding_window: int | None = None   # n_swa of the sliding-window layers (Gemma 3), None if none
+    sliding_window: int | None = None   # n_swa of the sliding-window layers (Gemma 2, 3), None if none
 
     @property
-    def has_rope(self) -> bool:
-        return self.architecture not in NO_ROPE_ARCHITECTURES
+    def self_extend_refusal(self) -> str | None:
+        """Why Self-Extend cannot run on this model's architecture, or None."""
+        return self_extend_refusal(self.architecture)
 
 
 def field(reader, key, default=None):
     """The metadata value of key in a gguf.GGUFReader (a scalar, string or list), default if absent."""
     found = reader.fields.get(key)
     return default if found is None else found.contents()
+
+
+def sliding_window(reader, architecture: str) -> int:
+    """n_swa as llama.cpp reads it: the GGUF's key, else the architecture's default; 0: none."""
+    return int(field(reader, f"{architecture}.attention.sliding_window",
+                     DEFAULT_SLIDING_WINDOW.get(architecture, 0)) or 0)
 
 
 @dataclass(frozen=True)
@@ -82,5 +114,5 @@ def read_model_info(path) -> ModelInfo:
         rope_dimension_count=field(reader, f"{architecture}.rope.dimension_count"),
         file_type=field(reader, "general.file_type"),
         size_bytes=path.stat().st_size,
-        sliding_window=field(reader, f"{architecture}.attention.sliding_window") or None,
+        sliding_window=sliding_window(reader, architecture) or None,
     )

@@ -36,6 +36,7 @@ class Llama(llama_cpp.Llama):
                  **kwargs):
         info = read_model_info(model_path)
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
+        settings.check_architecture(info, grp_attn_n)
         setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window)
         settings.check_model(setting, info)
         self._lib = require_self_extend_symbols()

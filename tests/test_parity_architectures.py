@@ -3,13 +3,15 @@ KV cache, trained context 64; the bar: max |logit difference| <= 1e-3 at every p
 ubatches smaller than the prompt, token-by-token decode across window and group boundaries, and
 G = 1 (plain llama.cpp). What only one architecture has stays in its own file: test_parity.py
 (llama: flash attention, rewinds, states, several sequences, RoPE scaling), test_parity_qwen2.py,
-test_parity_gemma3.py (sliding-window layers). qwen3's prefill cases run with and without flash
+test_parity_gemma2.py (soft-capping with flash attention), test_parity_gemma3.py (sliding-window layers). qwen3's prefill cases run with and without flash
 attention (heads of 32: another head size than the llama fixture's 16).
 
     llama   the llama fixture
     qwen2   the same weights plus Q/K/V biases, NeoX RoPE, RoPE base 1e6
     qwen3   per-head q/k RMSNorms before RoPE, NeoX RoPE, RoPE base 1e6, no biases, heads of 32
             (attention.key_length) though n_embd / n_head is 16
+    gemma2  gemma3's layers without q/k norms, attention logit soft-capping at 2 (the tiny model's scores
+            reach it: a block of scores left uncapped would show), final logit soft-capping
     gemma3  sliding-window and global layers (n_swa 10), q/k norms; W must be >= n_swa, and
             swa_full=False gives the sliding layers their own small cache
 """
@@ -28,12 +30,16 @@ ARCHITECTURES = {
                   n_vanilla=60, prefill_variants=[{}], decode_kwargs={}),
     "qwen3": dict(prefill=[(2, 8), (3, 10), (5, 7)], decode=[(3, 10), (5, 7)], decode_cap=200,
                   n_vanilla=60, prefill_variants=[{}, {"flash_attn": True}], decode_kwargs={}),
+    "gemma2": dict(prefill=[(2, 10), (3, 10), (5, 11)], decode=[(3, 10)], decode_cap=300,
+                   n_vanilla=200, prefill_variants=[{"swa_full": True}, {"swa_full": False}],
+                   decode_kwargs={"swa_full": False}),
     "gemma3": dict(prefill=[(2, 10), (3, 10), (4, 16), (5, 11), (7, 12)], decode=[(3, 10), (5, 11)], decode_cap=300,
                    n_vanilla=200, prefill_variants=[{"swa_full": True}, {"swa_full": False}],
                    decode_kwargs={"swa_full": False}),
 }
 FIXTURES = {"llama": ("tiny_f32_gguf", "tiny_reference"), "qwen2": ("tiny_qwen2_gguf", "tiny_qwen2_reference"),
             "qwen3": ("tiny_qwen3_gguf", "tiny_qwen3_reference"),
+            "gemma2": ("tiny_gemma2_gguf", "tiny_gemma2_cpu_gelu_reference"),
             "gemma3": ("tiny_gemma3_gguf", "tiny_gemma3_cpu_gelu_reference")}
 
 

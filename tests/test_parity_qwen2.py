@@ -26,7 +26,7 @@ def test_tiny_qwen2_file_is_qwen2(tiny_qwen2_gguf, tiny_qwen2_reference):
 
     info = read_model_info(tiny_qwen2_gguf)
     assert (info.architecture, info.n_ctx_train, info.rope_freq_base) == ("qwen2", 64, 1e6)
-    assert info.has_rope and info.rope_scaling_type is None
+    assert info.self_extend_refusal is None and info.rope_scaling_type is None
 
     hp = tiny_qwen2_reference.hparams
     assert hp.architecture == "qwen2" and hp.rope_neox and hp.rope_dims == hp.head_dim == 16

@@ -66,6 +66,12 @@ def rotated_scores(q, k, q_pos, k_pos, rope, scale):
     return (q @ k.transpose(-2, -1)) * scale
 
 
+def soft_cap(scores, cap):
+    """Attention logit soft-capping (Gemma 2): cap * tanh(scores / cap), on every score (grouped and
+    neighbor alike) before the mask; scores unchanged where cap is 0."""
+    return torch.tanh(scores / cap) * cap if cap else scores
+
+
 def softmax_attend(scores, visible, v):
     """One softmax over the visible keys of each query, then the weighted sum of values."""
     scores = scores.masked_fill(~visible, float("-inf"))  # [n_head, n_q, n_k]
@@ -84,7 +90,7 @@ def visible_mask(q_pos, k_pos, sliding_window=0):
     return visible & sliding_window_mask(q_pos, k_pos, sliding_window) if sliding_window else visible
 
 
-def vanilla_attention(q, k, v, q_pos, k_pos, rope=None, scale=None, k_rope_pos=None, sliding_window=0):
+def vanilla_attention(q, k, v, q_pos, k_pos, rope=None, scale=None, k_rope_pos=None, sliding_window=0, softcap=0.0):
     """Standard causal RoPE attention at the given positions.
 
     k_rope_pos: rotate the keys to these positions instead of k_pos (masking still uses
@@ -93,11 +99,12 @@ def vanilla_attention(q, k, v, q_pos, k_pos, rope=None, scale=None, k_rope_pos=N
     rope = rope or default_rope(q.shape[-1])
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     k_rope_pos = k_pos if k_rope_pos is None else k_rope_pos
-    scores = rotated_scores(q, k, q_pos, k_rope_pos, rope, scale)
+    scores = soft_cap(rotated_scores(q, k, q_pos, k_rope_pos, rope, scale), softcap)
     return softmax_attend(scores, visible_mask(q_pos, k_pos, sliding_window), v)
 
 
-def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, scale=None, sliding_window=0):
+def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, scale=None, sliding_window=0,
+                          softcap=0.0):
     """Exact Self-Extend (bi-level attention, paper Algorithm 1).
 
     Each (query, key) pair takes its score from one of two RoPE attentions:
@@ -110,17 +117,18 @@ def self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope=None, 
     check_group_args(group_size, window)
     rope = rope or default_rope(q.shape[-1])
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale)
+    scores = soft_cap(self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale), softcap)
     return softmax_attend(scores, visible_mask(q_pos, k_pos, sliding_window), v)
 
 
 def layer_attention(q, k, v, q_pos, k_pos, rope, scale, sliding_window=0, group_size=1, window=None,
-                    k_rope_pos=None):
+                    k_rope_pos=None, softcap=0.0):
     """One decoder layer's attention: exact Self-Extend where group_size > 1, vanilla otherwise
-    (keys rotated to k_rope_pos if given); sliding_window > 0 also hides keys with q - k >= it."""
+    (keys rotated to k_rope_pos if given); sliding_window > 0 also hides keys with q - k >= it;
+    softcap > 0 soft-caps the scores (soft_cap)."""
     if group_size > 1:
-        return self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope, scale, sliding_window)
-    return vanilla_attention(q, k, v, q_pos, k_pos, rope, scale, k_rope_pos, sliding_window)
+        return self_extend_attention(q, k, v, q_pos, k_pos, group_size, window, rope, scale, sliding_window, softcap)
+    return vanilla_attention(q, k, v, q_pos, k_pos, rope, scale, k_rope_pos, sliding_window, softcap)
 
 
 def self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale):
@@ -133,7 +141,7 @@ def self_extend_scores(q, k, q_pos, k_pos, group_size, window, rope, scale):
 
 
 def chunked_attention(q, k, v, group_size, window, rope=None, scale=None,
-                      n_batch=LLAMA_CPP_DEFAULT_N_BATCH, pos_div_sign_bug=False):
+                      n_batch=LLAMA_CPP_DEFAULT_N_BATCH, pos_div_sign_bug=False, softcap=0.0):
     """What `llama-completion --grp-attn-n G --grp-attn-w W -b n_batch` computes for a prompt.
 
     q, k, v hold tokens 0..n-1 of one sequence decoded from an empty KV cache in batches of
@@ -158,5 +166,6 @@ def chunked_attention(q, k, v, group_size, window, rope=None, scale=None,
         rope_pos = chunked_rope_positions(token[:stop], start, group_size, window,
                                           pos_div_sign_bug)                 # [stop]
         outputs.append(vanilla_attention(q[:, start:stop], k[:, :stop], v[:, :stop],
-                                         pos[start:stop], pos, rope, scale, k_rope_pos=rope_pos))
+                                         pos[start:stop], pos, rope, scale, k_rope_pos=rope_pos,
+                                         softcap=softcap))
     return torch.cat(outputs, dim=1)                                       # [n_head, n, d]

@@ -1,4 +1,4 @@
-"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma3) with the
+"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma2, gemma3) with the
 `gguf` package: hyperparameters (HParams, with the architecture's ArchOptions) and dequantized tensors.
 
 Tensors come back in torch order (the reverse of ggml's ne): a weight of ggml shape
@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from ..gguf_info import field, rope_scaling
+from ..gguf_info import field, rope_scaling, sliding_window
 
 
 class GGUFError(ValueError):
@@ -27,9 +27,12 @@ def head_dim_attention_scale(n_layer, n_embd, n_head, head_dim):
     return 1.0 / math.sqrt(head_dim)
 
 
-def gemma3_attention_scale(n_layer, n_embd, n_head, head_dim):
-    """gemma3.cpp: the 27B model (62 layers) scales by 1/sqrt(n_embd / n_head), the others 1/sqrt(head_dim)."""
-    return 1.0 / math.sqrt(n_embd // n_head if n_layer == 62 else head_dim)
+def gemma_attention_scale(n_layer_27b):
+    """gemma2.cpp, gemma3.cpp: the 27B model (46 layers in Gemma 2, 62 in Gemma 3) scales by
+    1/sqrt(n_embd / n_head), the others by 1/sqrt(head_dim)."""
+    def scale(n_layer, n_embd, n_head, head_dim):
+        return 1.0 / math.sqrt(n_embd // n_head if n_layer == n_layer_27b else head_dim)
+    return scale
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,10 @@ class ArchOptions:
     ffn_act: str = "silu"             # the FFN's gate: "silu" (SwiGLU) or "gelu" (GELU(tanh), GeGLU)
     embd_scale: bool = False          # token embeddings times sqrt(n_embd)
     swa_pattern: Optional[int] = None  # llama.cpp's default sliding_window_pattern; None: no sliding layers
-    rope_base_swa: float = 10000.0    # default rope.freq_base_swa (the sliding layers' RoPE base)
+    rope_base_swa: Optional[float] = 10000.0  # default rope.freq_base_swa (the sliding layers' RoPE base);
+                                              # None: the global layers' rope.freq_base
     logit_softcapping: bool = False   # reads final_logit_softcapping
+    attn_softcapping: bool = False    # reads attn_logit_softcapping (llama.cpp's default 50): scores = c tanh(s / c)
     # (n_layer, n_embd, n_head, head_dim) -> the scores' scale
     attention_scale: Callable[[int, int, int, int], float] = head_dim_attention_scale
 
@@ -53,8 +58,11 @@ ARCHITECTURES = {
     "llama": ArchOptions(),
     "qwen2": ArchOptions(rope_neox=True),  # + Q/K/V biases, which any file may carry (model.py)
     "qwen3": ArchOptions(rope_neox=True, qk_norm=True),  # head_dim: attention.key_length, as any file may say
+    "gemma2": ArchOptions(rope_neox=True, post_norms=True, ffn_act="gelu", embd_scale=True, swa_pattern=2,
+                          rope_base_swa=None, logit_softcapping=True, attn_softcapping=True,
+                          attention_scale=gemma_attention_scale(46)),
     "gemma3": ArchOptions(rope_neox=True, qk_norm=True, post_norms=True, ffn_act="gelu", embd_scale=True,
-                          swa_pattern=6, logit_softcapping=True, attention_scale=gemma3_attention_scale),
+                          swa_pattern=6, logit_softcapping=True, attention_scale=gemma_attention_scale(62)),
 }
 
 
@@ -79,6 +87,7 @@ class HParams:
     swa_layers: Tuple[bool, ...]     # per layer, True for a sliding-window layer
     rope_base_swa: float             # RoPE base of the sliding-window layers
     final_logit_softcapping: float   # 0: none
+    attn_logit_softcapping: float    # 0: none; else every attention score s becomes c tanh(s / c)
 
     @property
     def rope_neox(self) -> bool:
@@ -171,8 +180,9 @@ def read_hparams(reader, path=""):
         raise GGUFError(f"{path}: missing tensor token_embd.weight")
     rope_base = float(optional("rope.freq_base", 10000.0))
     swa = options.swa_pattern is not None  # the architecture has sliding-window layers
-    sliding_window = int(optional("attention.sliding_window", 0) or 0) if swa else 0
+    n_swa = sliding_window(reader, arch) if swa else 0
     pattern = optional("attention.sliding_window_pattern", per_layer=True) if swa else None
+    rope_base_swa = rope_base if options.rope_base_swa is None else options.rope_base_swa
     return HParams(
         n_vocab=int(optional("vocab_size", int(embd.shape[1]))),
         n_embd=n_embd,
@@ -189,11 +199,13 @@ def read_hparams(reader, path=""):
         architecture=arch,
         options=options,
         attention_scale=options.attention_scale(n_layer, n_embd, n_head, head_dim),
-        sliding_window=sliding_window,
-        swa_layers=sliding_layers(n_layer, sliding_window, pattern, options.swa_pattern),
-        rope_base_swa=float(optional("rope.freq_base_swa", options.rope_base_swa)) if swa else rope_base,
+        sliding_window=n_swa,
+        swa_layers=sliding_layers(n_layer, n_swa, pattern, options.swa_pattern),
+        rope_base_swa=float(optional("rope.freq_base_swa", rope_base_swa)) if swa else rope_base,
         final_logit_softcapping=float(optional("final_logit_softcapping", 0.0) or 0.0)
         if options.logit_softcapping else 0.0,
+        attn_logit_softcapping=float(optional("attn_logit_softcapping", 50.0) or 0.0)
+        if options.attn_softcapping else 0.0,
     )
 
 

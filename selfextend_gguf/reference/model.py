@@ -12,6 +12,9 @@ as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm, weights
     qwen2   llama with NeoX RoPE (and the Q/K/V biases, added before RoPE)
     qwen3   llama with NeoX RoPE and per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm; the model's
             rms eps, as gemma3's) before RoPE; head_dim from attention.key_length (Qwen3: not n_embd / n_head)
+    gemma2  gemma3 without the q/k norms, with attention logit soft-capping (every score s becomes
+            c tanh(s / c), c = attn_logit_softcapping, grouped and neighbor scores alike), every 2nd layer
+            global (n_swa 4096 by default), one RoPE base for both kinds of layers; 27B: 46 layers
     gemma3  NeoX RoPE; per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm) before RoPE; post-norms;
             GELU(tanh)-gated FFN; embeddings * sqrt(n_embd); scores scaled by 1/sqrt(head_dim)
             (27B: 1/sqrt(n_embd / n_head)); final logit softcapping; the HF -> GGUF converter already
@@ -19,7 +22,7 @@ as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm, weights
                 sliding-window layer: key visible iff 0 <= q - k < n_swa   RoPE base rope.freq_base_swa
                 global layer:         key visible iff 0 <= q - k           RoPE base rope.freq_base (and scaling)
 
-mode="self_extend" applies Self-Extend to the global layers only and leaves the sliding-window layers
+mode="self_extend" applies Self-Extend to the global layers only (of gemma2 and gemma3) and leaves the sliding-window layers
 at their normal positions, as the patched llama.cpp does. That is exact when W >= n_swa: a
 sliding-window layer sees only keys with q - k < n_swa <= W, which Self-Extend keeps at their normal
 positions anyway. self_extend_sliding=True (forward, decode) applies it to every layer instead, to
@@ -282,7 +285,7 @@ class ReferenceModel:
 
         def attend(q, k, v):
             return layer_attention(q, k, v, q_pos, k_pos, rope, hp.attention_scale, n_swa, group_size,
-                                   mode.window, k_rope_pos)
+                                   mode.window, k_rope_pos, hp.attn_logit_softcapping)
         return attend
 
     # ------------------------------------------------------------------ prefill
@@ -302,7 +305,8 @@ class ReferenceModel:
 
         def chunked(q, k, v):  # every layer global: checked by attention_mode
             return chunked_attention(q, k, v, mode.group_size, mode.window, self.rope, self.hparams.attention_scale,
-                                     n_batch=mode.n_batch, pos_div_sign_bug=mode.pos_div_sign_bug)
+                                     n_batch=mode.n_batch, pos_div_sign_bug=mode.pos_div_sign_bug,
+                                     softcap=self.hparams.attn_logit_softcapping)
 
         for i, w in enumerate(self.layers):
             attend = chunked if mode.name == "chunked" else self.layer_attend(

@@ -1,4 +1,4 @@
-"""Write small random-weight llama-, qwen2-, qwen3- or gemma3-architecture GGUF files for tests.
+"""Write small random-weight llama-, qwen2-, qwen3-, gemma2- or gemma3-architecture GGUF files for tests.
 
 The files load in llama.cpp and transformers: GQA, a byte-level BPE (GPT-2 style) vocabulary of
 a few hundred tokens that tokenizes any text, ChatML special tokens and chat template.
@@ -11,12 +11,13 @@ attn_k_norm), NeoX RoPE, RoPE base 1e6, and a head size (attention.key_length) t
 n_embd / n_head, as in Qwen3-0.6B (1024 = 16 heads x 64, heads of 128).
 
 gemma3 (write_tiny_gemma3): sliding-window and global layers, q/k norms, GELU-gated FFN, tied
-output (its own weights; see its docstring).
+output (its own weights; see its docstring). gemma2 (write_tiny_gemma2): the same without q/k norms,
+with attention and final logit soft-capping.
 
-    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
 
 Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_qwen3(path, ...),
-write_tiny_gemma3(path, ...),
+write_tiny_gemma2(path, ...), write_tiny_gemma3(path, ...),
 write_unsupported_arch_gguf(path).
 """
 import argparse
@@ -296,10 +297,11 @@ def write_tiny_qwen3(path, **kwargs):
 FFN_OUT_SCALE = 0.25
 
 
-def random_gemma3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, head_dim, n_layer, n_ff):
+def random_gemma3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, head_dim, n_layer, n_ff, qk_norm=True):
     """{gguf tensor name: float32 array in torch order [out, in]} of a Gemma 3 decoder; the output
     is tied to the token embedding (no output.weight), as in every Gemma 3.
 
+    qk_norm=False leaves out the q/k norms (Gemma 2).
     Norm weights are stored the way llama.cpp's converter writes Gemma's, 1 + w: llama.cpp
     multiplies by the stored value, transformers' GGUF loader subtracts 1 again for its (1 + w).
     Scales keep activations O(1): embeddings of std 0.25 times sqrt(n_embd) = 8 in the model,
@@ -318,9 +320,11 @@ def random_gemma3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, head_dim, n_l
     for i in range(n_layer):
         w[f"blk.{i}.attn_norm.weight"] = norm_weight(n_embd)
         w[f"blk.{i}.attn_q.weight"] = normal(proj, n_head * head_dim, n_embd)
-        w[f"blk.{i}.attn_q_norm.weight"] = norm_weight(head_dim)
+        if qk_norm:
+            w[f"blk.{i}.attn_q_norm.weight"] = norm_weight(head_dim)
         w[f"blk.{i}.attn_k.weight"] = normal(proj, n_head_kv * head_dim, n_embd)
-        w[f"blk.{i}.attn_k_norm.weight"] = norm_weight(head_dim)
+        if qk_norm:
+            w[f"blk.{i}.attn_k_norm.weight"] = norm_weight(head_dim)
         w[f"blk.{i}.attn_v.weight"] = normal(proj, n_head_kv * head_dim, n_embd)
         w[f"blk.{i}.attn_output.weight"] = normal(1.0 / np.sqrt(n_head * head_dim), n_embd, n_head * head_dim)
         w[f"blk.{i}.post_attention_norm.weight"] = norm_weight(n_embd)
@@ -371,6 +375,39 @@ def write_tiny_gemma3(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_h
     return write_weights_and_close(writer, weights, qtype, path)
 
 
+def write_tiny_gemma2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4, n_head_kv=2,
+                      head_dim=32, n_layer=4, n_ff=128, n_vocab=320, sliding_window=10, rope_freq_base=10000.0,
+                      attn_logit_softcapping=2.0, final_logit_softcapping=30.0, rms_eps=1e-6, seed=0):
+    """Write a random-weight Gemma 2 (architecture "gemma2") GGUF to path; returns its Path.
+
+    What llama.cpp's gemma2 graph (src/models/gemma2.cpp) reads: the tiny gemma3's weights without
+    the q/k norms, every 2nd layer global (llama.cpp's pattern for gemma2: layers 0, 2 slide, n_swa =
+    sliding_window), one RoPE base for both kinds of layers, and the two soft-caps. The attention cap
+    is 2 (Gemma 2's own is 50): the tiny model's scores, of std ~1, reach it, so that soft-capping
+    changes them (a cap applied to one block of scores and not the other would show).
+    """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
+    if n_head % n_head_kv:
+        raise ValueError("n_head must be a multiple of n_head_kv")
+    qtype, file_type = WEIGHT_TYPES[weight_type]
+    tokens, token_types, merges = tiny_vocab(n_vocab)
+    weights = random_gemma3_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head, n_head_kv,
+                                    head_dim, n_layer, n_ff, qk_norm=False)
+    path = Path(path)
+    writer = new_writer(path, "gemma2", weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
+                        n_ff, n_head, n_head_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(rope_freq_base)
+    writer.add_sliding_window(sliding_window)
+    writer.add_attn_logit_softcapping(attn_logit_softcapping)
+    writer.add_final_logit_softcapping(final_logit_softcapping)
+    writer.add_layer_norm_rms_eps(rms_eps)
+    add_tokenizer(writer, tokens, token_types, merges)
+    return write_weights_and_close(writer, weights, qtype, path)
+
+
 def write_unsupported_arch_gguf(path, arch="mamba"):
     """A small valid GGUF whose architecture the reference decoder does not support."""
     path = Path(path)
@@ -389,15 +426,15 @@ def write_unsupported_arch_gguf(path, arch="mamba"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output .gguf path")
-    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma3"])
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma2", "gemma3"])
     parser.add_argument("--type", dest="weight_type", default="f32", choices=sorted(WEIGHT_TYPES))
     parser.add_argument("--n-ctx-train", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tied-output", action="store_true", help="no output.weight")
     args = parser.parse_args(argv)
-    if args.arch == "gemma3":  # its output is always tied
-        path = write_tiny_gemma3(args.out, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train,
-                                 seed=args.seed)
+    if args.arch in ("gemma2", "gemma3"):  # their output is always tied
+        write = write_tiny_gemma2 if args.arch == "gemma2" else write_tiny_gemma3
+        path = write(args.out, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train, seed=args.seed)
     else:
         path = write_tiny_model(args.out, args.arch, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train,
                                 seed=args.seed, tied_output=args.tied_output)
