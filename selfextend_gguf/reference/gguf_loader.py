@@ -1,4 +1,4 @@
-"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma2, gemma3) with the
+"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma2, gemma3, phi2) with the
 `gguf` package: hyperparameters (HParams, with the architecture's ArchOptions) and dequantized tensors.
 
 Tensors come back in torch order (the reverse of ggml's ne): a weight of ggml shape
@@ -42,7 +42,10 @@ class ArchOptions:
     rope_neox: bool = False           # llama_model_rope_type: NEOX (x[i], x[i + n_rot/2]), else NORM (x[2i], x[2i+1])
     qk_norm: bool = False             # per-head RMSNorm of Q and K before RoPE (attn_q_norm, attn_k_norm)
     post_norms: bool = False          # RMSNorm of the attention and FFN outputs (post_attention_norm, post_ffw_norm)
-    ffn_act: str = "silu"             # the FFN's gate: "silu" (SwiGLU) or "gelu" (GELU(tanh), GeGLU)
+    ffn_act: str = "silu"             # the FFN's activation: "silu" (SwiGLU) or "gelu" (GELU(tanh), GeGLU)
+    ffn_gated: bool = True            # False: act(x W_up + b_up) W_down + b_down, no gate (phi2)
+    layer_norm: bool = False          # LayerNorm with weight and bias (eps: attention.layer_norm_epsilon), not RMSNorm
+    parallel_block: bool = False      # attention and FFN both read attn_norm(x): x + attn + ffn (phi2)
     embd_scale: bool = False          # token embeddings times sqrt(n_embd)
     swa_pattern: Optional[int] = None  # llama.cpp's default sliding_window_pattern; None: no sliding layers
     rope_base_swa: Optional[float] = 10000.0  # default rope.freq_base_swa (the sliding layers' RoPE base);
@@ -63,6 +66,8 @@ ARCHITECTURES = {
                           attention_scale=gemma_attention_scale(46)),
     "gemma3": ArchOptions(rope_neox=True, qk_norm=True, post_norms=True, ffn_act="gelu", embd_scale=True,
                           swa_pattern=6, logit_softcapping=True, attention_scale=gemma_attention_scale(62)),
+    # + fused attn_qkv, biases on every projection and the output, partial rotary (rope.dimension_count)
+    "phi2": ArchOptions(rope_neox=True, ffn_act="gelu", ffn_gated=False, layer_norm=True, parallel_block=True),
 }
 
 
@@ -76,7 +81,7 @@ class HParams:
     head_dim: int
     n_ff: int
     n_ctx_train: int
-    rms_eps: float
+    norm_eps: float                  # of RMSNorm (layer_norm_rms_epsilon), or of LayerNorm (layer_norm_epsilon)
     rope_dims: int
     rope_base: float
     rope_freq_scale: float           # 1 / linear scaling factor
@@ -192,7 +197,8 @@ def read_hparams(reader, path=""):
         head_dim=head_dim,
         n_ff=int(required("feed_forward_length")),
         n_ctx_train=int(required("context_length")),
-        rms_eps=float(required("attention.layer_norm_rms_epsilon")),
+        norm_eps=float(required("attention.layer_norm_epsilon" if options.layer_norm
+                                else "attention.layer_norm_rms_epsilon")),
         rope_dims=int(optional("rope.dimension_count", head_dim)),
         rope_base=rope_base,
         rope_freq_scale=rope_freq_scale,

@@ -7,7 +7,8 @@ plain torch: one decoder, with the per-architecture options of HParams.options (
     logits = output_norm(x) @ output.T                       (output: token_embd if tied; softcapped
                                                               if the file says so)
 
-as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm, weights used as stored.
+as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm (phi2: LayerNorm), weights used
+as stored.
     llama   SwiGLU (act = silu), normal RoPE; Q/K/V biases (attn_{q,k,v}.bias) loaded if present
     qwen2   llama with NeoX RoPE (and the Q/K/V biases, added before RoPE)
     qwen3   llama with NeoX RoPE and per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm; the model's
@@ -15,6 +16,9 @@ as llama.cpp computes it (src/models/<arch>.cpp); every norm is RMSNorm, weights
     gemma2  gemma3 without the q/k norms, with attention logit soft-capping (every score s becomes
             c tanh(s / c), c = attn_logit_softcapping, grouped and neighbor scores alike), every 2nd layer
             global (n_swa 4096 by default), one RoPE base for both kinds of layers; 27B: 46 layers
+    phi2    LayerNorm (weight and bias) instead of RMSNorm; attention and an ungated GELU FFN in parallel,
+            both on attn_norm(x): x + attn + ffn; biases on every projection and the logits; fused
+            attn_qkv; NeoX RoPE on the first rope.dimension_count dimensions of each head only
     gemma3  NeoX RoPE; per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm) before RoPE; post-norms;
             GELU(tanh)-gated FFN; embeddings * sqrt(n_embd); scores scaled by 1/sqrt(head_dim)
             (27B: 1/sqrt(n_embd / n_head)); final logit softcapping; the HF -> GGUF converter already
@@ -62,8 +66,8 @@ class LayerWeights:
     wk: torch.Tensor         # [n_head_kv * head_dim, n_embd]
     wv: torch.Tensor         # [n_head_kv * head_dim, n_embd]
     wo: torch.Tensor         # [n_embd, n_head * head_dim]
-    ffn_norm: torch.Tensor   # [n_embd]
-    w_gate: torch.Tensor     # [n_ff, n_embd]
+    ffn_norm: Optional[torch.Tensor]  # [n_embd]  (None: the FFN reads attn_norm(x), parallel_block)
+    w_gate: Optional[torch.Tensor]    # [n_ff, n_embd]  (None: an ungated FFN, ffn_gated=False)
     w_up: torch.Tensor       # [n_ff, n_embd]
     w_down: torch.Tensor     # [n_embd, n_ff]
     bq: Optional[torch.Tensor] = None              # [n_head * head_dim]     (qwen2; None: no bias)
@@ -73,6 +77,10 @@ class LayerWeights:
     k_norm: Optional[torch.Tensor] = None          # [head_dim]
     post_attn_norm: Optional[torch.Tensor] = None  # [n_embd]    (post_norms; None: no norm)
     post_ffn_norm: Optional[torch.Tensor] = None   # [n_embd]
+    attn_norm_b: Optional[torch.Tensor] = None     # [n_embd]    (layer_norm: LayerNorm's bias)
+    bo: Optional[torch.Tensor] = None              # [n_embd]    (phi2: biases of the output projection
+    b_up: Optional[torch.Tensor] = None            # [n_ff]       and of the FFN)
+    b_down: Optional[torch.Tensor] = None          # [n_embd]
 
     def to(self, dtype):
         """A copy with every tensor cast to dtype (absent ones stay None)."""
@@ -130,6 +138,12 @@ def rms_norm(x, weight, eps):
     return x if weight is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def layer_norm(x, weight, bias, eps):
+    """[..., n_embd] -> [..., n_embd]: (x - mean) / sqrt(var + eps) * weight + bias (ggml_norm, then
+    the weight and bias)."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
 def linear(x, weight, bias=None):
     """[n, n_in] -> [n, n_out]: x @ weight.T, plus bias [n_out] if given."""
     y = x @ weight.T
@@ -152,8 +166,11 @@ def gelu_ggml_cpu(x):
 FFN_GELU = {"tanh": gelu_tanh, "ggml_cpu": gelu_ggml_cpu}  # ffn_gelu -> the "gelu" FFN gate
 
 
-def gated_ffn(x, w: LayerWeights, act):
-    """[n, n_embd] -> [n, n_embd]: (act(x W_gate) * x W_up) W_down (SwiGLU with silu, GeGLU with GELU)."""
+def ffn(x, w: LayerWeights, act):
+    """[n, n_embd] -> [n, n_embd]: (act(x W_gate) * x W_up) W_down (SwiGLU with silu, GeGLU with GELU),
+    or act(x W_up + b_up) W_down + b_down where there is no gate (phi2)."""
+    if w.w_gate is None:
+        return linear(act(linear(x, w.w_up, w.b_up)), w.w_down, w.b_down)
     return (act(x @ w.w_gate.T) * (x @ w.w_up.T)) @ w.w_down.T
 
 
@@ -164,7 +181,7 @@ def check_dtype(dtype):
 
 class ReferenceModel:
     def __init__(self, hparams: HParams, tok_embd, layers, output_norm, output, rope, rope_swa, dtype,
-                 ffn_gelu="tanh"):
+                 ffn_gelu="tanh", output_norm_b=None, output_b=None):
         if ffn_gelu not in FFN_GELU:
             raise ValueError(f"ffn_gelu must be one of {sorted(FFN_GELU)}, got {ffn_gelu!r}")
         self.hparams = hparams
@@ -172,6 +189,8 @@ class ReferenceModel:
         self.layers = layers            # n_layer x LayerWeights
         self.output_norm = output_norm  # [n_embd]
         self.output = output            # [n_vocab, n_embd], the token embedding if tied
+        self.output_norm_b = output_norm_b  # [n_embd] LayerNorm's bias (layer_norm), or None
+        self.output_b = output_b        # [n_vocab] the logits' bias (phi2), or None
         self.rope = rope                # RoPE of the global layers (every layer without sliding ones)
         self.rope_swa = rope_swa        # RoPE of the sliding-window layers
         self.dtype = dtype
@@ -191,42 +210,65 @@ class ReferenceModel:
             return take(name, shape) if present else None
 
         q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-        layers = [LayerWeights(
-            attn_norm=take(f"blk.{i}.attn_norm.weight", (hp.n_embd,)),
-            wq=take(f"blk.{i}.attn_q.weight", (q_dim, hp.n_embd)),
-            wk=take(f"blk.{i}.attn_k.weight", (kv_dim, hp.n_embd)),
-            wv=take(f"blk.{i}.attn_v.weight", (kv_dim, hp.n_embd)),
-            wo=take(f"blk.{i}.attn_output.weight", (hp.n_embd, q_dim)),
-            ffn_norm=take(f"blk.{i}.ffn_norm.weight", (hp.n_embd,)),
-            w_gate=take(f"blk.{i}.ffn_gate.weight", (hp.n_ff, hp.n_embd)),
-            w_up=take(f"blk.{i}.ffn_up.weight", (hp.n_ff, hp.n_embd)),
-            w_down=take(f"blk.{i}.ffn_down.weight", (hp.n_embd, hp.n_ff)),
-            bq=take.optional(f"blk.{i}.attn_q.bias", (q_dim,)),
-            bk=take.optional(f"blk.{i}.attn_k.bias", (kv_dim,)),
-            bv=take.optional(f"blk.{i}.attn_v.bias", (kv_dim,)),
-            q_norm=take_if(o.qk_norm, f"blk.{i}.attn_q_norm.weight", (hp.head_dim,)),
-            k_norm=take_if(o.qk_norm, f"blk.{i}.attn_k_norm.weight", (hp.head_dim,)),
-            post_attn_norm=take_if(o.post_norms, f"blk.{i}.post_attention_norm.weight", (hp.n_embd,)),
-            post_ffn_norm=take_if(o.post_norms, f"blk.{i}.post_ffw_norm.weight", (hp.n_embd,)),
-        ) for i in range(hp.n_layer)]
+
+        def qkv(i):
+            """(wq, wk, wv, bq, bk, bv) of layer i: separate, or split from a fused attn_qkv (phi2)."""
+            fused = take.optional(f"blk.{i}.attn_qkv.weight", (q_dim + 2 * kv_dim, hp.n_embd))
+            if fused is None:
+                return (take(f"blk.{i}.attn_q.weight", (q_dim, hp.n_embd)),
+                        take(f"blk.{i}.attn_k.weight", (kv_dim, hp.n_embd)),
+                        take(f"blk.{i}.attn_v.weight", (kv_dim, hp.n_embd)),
+                        take.optional(f"blk.{i}.attn_q.bias", (q_dim,)),
+                        take.optional(f"blk.{i}.attn_k.bias", (kv_dim,)),
+                        take.optional(f"blk.{i}.attn_v.bias", (kv_dim,)))
+            bias = take.optional(f"blk.{i}.attn_qkv.bias", (q_dim + 2 * kv_dim,))
+            split = (q_dim, kv_dim, kv_dim)
+            return (*fused.split(split), *(bias.split(split) if bias is not None else (None,) * 3))
+
+        def layer(i):
+            wq, wk, wv, bq, bk, bv = qkv(i)
+            return LayerWeights(
+                attn_norm=take(f"blk.{i}.attn_norm.weight", (hp.n_embd,)),
+                wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
+                wo=take(f"blk.{i}.attn_output.weight", (hp.n_embd, q_dim)),
+                ffn_norm=take_if(not o.parallel_block, f"blk.{i}.ffn_norm.weight", (hp.n_embd,)),
+                w_gate=take_if(o.ffn_gated, f"blk.{i}.ffn_gate.weight", (hp.n_ff, hp.n_embd)),
+                w_up=take(f"blk.{i}.ffn_up.weight", (hp.n_ff, hp.n_embd)),
+                w_down=take(f"blk.{i}.ffn_down.weight", (hp.n_embd, hp.n_ff)),
+                q_norm=take_if(o.qk_norm, f"blk.{i}.attn_q_norm.weight", (hp.head_dim,)),
+                k_norm=take_if(o.qk_norm, f"blk.{i}.attn_k_norm.weight", (hp.head_dim,)),
+                post_attn_norm=take_if(o.post_norms, f"blk.{i}.post_attention_norm.weight", (hp.n_embd,)),
+                post_ffn_norm=take_if(o.post_norms, f"blk.{i}.post_ffw_norm.weight", (hp.n_embd,)),
+                attn_norm_b=take_if(o.layer_norm, f"blk.{i}.attn_norm.bias", (hp.n_embd,)),
+                bo=take.optional(f"blk.{i}.attn_output.bias", (hp.n_embd,)),
+                b_up=take.optional(f"blk.{i}.ffn_up.bias", (hp.n_ff,)),
+                b_down=take.optional(f"blk.{i}.ffn_down.bias", (hp.n_embd,)),
+            )
+
+        layers = [layer(i) for i in range(hp.n_layer)]
         tok_embd = take("token_embd.weight", (hp.n_vocab, hp.n_embd))
         output_norm = take("output_norm.weight", (hp.n_embd,))
+        output_norm_b = take_if(o.layer_norm, "output_norm.bias", (hp.n_embd,))
         output = take.optional("output.weight", (hp.n_vocab, hp.n_embd))
+        output_b = take.optional("output.bias", (hp.n_vocab,))
         freq_factors = take.optional("rope_freqs.weight", (hp.rope_dims // 2,))
         take.check_all_taken(f"the reference decoder ({hp.architecture})")
         rope = Rope(n_dims=hp.rope_dims, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=hp.rope_neox,
                     freq_factors=None if freq_factors is None else freq_factors.to(torch.float64))
         rope_swa = Rope(n_dims=hp.rope_dims, base=hp.rope_base_swa, neox=hp.rope_neox)  # llama.cpp: freq_scale_swa 1
         return cls(hp, tok_embd, layers, output_norm, tok_embd if output is None else output, rope, rope_swa,
-                   dtype, ffn_gelu)
+                   dtype, ffn_gelu, output_norm_b, output_b)
 
     def to(self, dtype):
         """A copy with the weights cast to dtype (float32 <-> float64 is exact for GGUF weights)."""
         check_dtype(dtype)
         tok_embd = self.tok_embd.to(dtype)
         output = tok_embd if self.tied_output else self.output.to(dtype)
+        def cast(t):
+            return None if t is None else t.to(dtype)
         return ReferenceModel(self.hparams, tok_embd, [w.to(dtype) for w in self.layers],
-                              self.output_norm.to(dtype), output, self.rope, self.rope_swa, dtype, self.ffn_gelu)
+                              self.output_norm.to(dtype), output, self.rope, self.rope_swa, dtype, self.ffn_gelu,
+                              cast(self.output_norm_b), cast(self.output_b))
 
     @property
     def tied_output(self):
@@ -234,18 +276,27 @@ class ReferenceModel:
 
     # ------------------------------------------------------------------ pieces
 
+    def norm(self, x, weight, bias=None):
+        """The architecture's norm: LayerNorm (with its bias) or RMSNorm; x itself if weight is None."""
+        if self.hparams.options.layer_norm and weight is not None:
+            return layer_norm(x, weight, bias, self.hparams.norm_eps)
+        return rms_norm(x, weight, self.hparams.norm_eps)
+
     def block(self, w: LayerWeights, x, attend):
         """One transformer block; attend(q, k, v) does the attention of this layer."""
-        hp, n, eps = self.hparams, x.shape[0], self.hparams.rms_eps
-        h = rms_norm(x, w.attn_norm, eps)                                               # [n, n_embd]
+        hp, n, eps = self.hparams, x.shape[0], self.hparams.norm_eps
+        h = self.norm(x, w.attn_norm, w.attn_norm_b)                                   # [n, n_embd]
         q = linear(h, w.wq, w.bq).view(n, hp.n_head, hp.head_dim).transpose(0, 1)      # [n_head, n, d]
         k = linear(h, w.wk, w.bk).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
         v = linear(h, w.wv, w.bv).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)   # [n_head_kv, n, d]
         q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)                 # per head, before RoPE
         a = attend(q, k, v).transpose(0, 1).reshape(n, hp.n_head * hp.head_dim)       # [n, n_head * d]
-        x = x + rms_norm(a @ w.wo.T, w.post_attn_norm, eps)
-        ffn = gated_ffn(rms_norm(x, w.ffn_norm, eps), w, self.ffn_act)                 # [n, n_embd]
-        return x + rms_norm(ffn, w.post_ffn_norm, eps)
+        a = linear(a, w.wo, w.bo)                                                      # [n, n_embd]
+        if hp.options.parallel_block:  # phi2: the FFN reads the same normed input as the attention
+            return x + a + ffn(h, w, self.ffn_act)
+        x = x + rms_norm(a, w.post_attn_norm, eps)
+        f = ffn(self.norm(x, w.ffn_norm), w, self.ffn_act)                             # [n, n_embd]
+        return x + rms_norm(f, w.post_ffn_norm, eps)
 
     def embed(self, tokens):
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
@@ -257,7 +308,7 @@ class ReferenceModel:
         return x * math.sqrt(self.hparams.n_embd) if self.hparams.options.embd_scale else x
 
     def logits(self, x):
-        logits = rms_norm(x, self.output_norm, self.hparams.rms_eps) @ self.output.T  # [n, n_vocab]
+        logits = linear(self.norm(x, self.output_norm, self.output_norm_b), self.output, self.output_b)  # [n, n_vocab]
         cap = self.hparams.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 

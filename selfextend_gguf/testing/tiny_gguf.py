@@ -1,4 +1,4 @@
-"""Write small random-weight llama-, qwen2-, qwen3-, gemma2- or gemma3-architecture GGUF files for tests.
+"""Write small random-weight llama-, qwen2-, qwen3-, gemma2-, gemma3- or phi2-architecture GGUF files for tests.
 
 The files load in llama.cpp and transformers: GQA, a byte-level BPE (GPT-2 style) vocabulary of
 a few hundred tokens that tokenizes any text, ChatML special tokens and chat template.
@@ -12,12 +12,13 @@ n_embd / n_head, as in Qwen3-0.6B (1024 = 16 heads x 64, heads of 128).
 
 gemma3 (write_tiny_gemma3): sliding-window and global layers, q/k norms, GELU-gated FFN, tied
 output (its own weights; see its docstring). gemma2 (write_tiny_gemma2): the same without q/k norms,
-with attention and final logit soft-capping.
+with attention and final logit soft-capping. phi2 (write_tiny_phi2): LayerNorms, parallel attention
+and FFN, fused QKV, biases, partial rotary.
 
-    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3|phi2] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
 
 Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_qwen3(path, ...),
-write_tiny_gemma2(path, ...), write_tiny_gemma3(path, ...),
+write_tiny_gemma2(path, ...), write_tiny_gemma3(path, ...), write_tiny_phi2(path, ...),
 write_unsupported_arch_gguf(path).
 """
 import argparse
@@ -408,6 +409,63 @@ def write_tiny_gemma2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_h
     return write_weights_and_close(writer, weights, qtype, path)
 
 
+# ----------------------------------------------------------------------------- phi2
+
+def random_phi2_weights(rng, n_vocab, n_embd, n_head, n_layer, n_ff):
+    """{gguf tensor name: float32 array in torch order [out, in]} of a Phi-2 decoder: LayerNorms
+    with biases, a fused attn_qkv with its bias, biases on every projection and on the logits.
+    Scales keep activations O(1): unit-variance embeddings (LayerNorm normalizes them anyway),
+    scores of std ~2 (so that Self-Extend's grouping moves the logits), attention and FFN residual
+    updates of RMS ~1 and ~0.25 (the FFN's GELU is llama.cpp's float16 table, see FFN_OUT_SCALE)."""
+    def normal(std, *shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    proj = 1.0 / np.sqrt(n_embd)
+    w = {"token_embd.weight": normal(1.0, n_vocab, n_embd)}
+    for i in range(n_layer):
+        w[f"blk.{i}.attn_norm.weight"] = norm_weight(n_embd)
+        w[f"blk.{i}.attn_norm.bias"] = normal(0.1, n_embd)
+        w[f"blk.{i}.attn_qkv.weight"] = normal(1.5 * proj, 3 * n_embd, n_embd)
+        w[f"blk.{i}.attn_qkv.bias"] = normal(0.1, 3 * n_embd)
+        w[f"blk.{i}.attn_output.weight"] = normal(proj, n_embd, n_embd)
+        w[f"blk.{i}.attn_output.bias"] = normal(0.1, n_embd)
+        w[f"blk.{i}.ffn_up.weight"] = normal(proj, n_ff, n_embd)
+        w[f"blk.{i}.ffn_up.bias"] = normal(0.1, n_ff)
+        w[f"blk.{i}.ffn_down.weight"] = normal(FFN_OUT_SCALE / np.sqrt(n_ff), n_embd, n_ff)
+        w[f"blk.{i}.ffn_down.bias"] = normal(0.1, n_embd)
+    w["output_norm.weight"] = norm_weight(n_embd)
+    w["output_norm.bias"] = normal(0.1, n_embd)
+    w["output.weight"] = normal(proj * 2, n_vocab, n_embd)
+    w["output.bias"] = normal(0.1, n_vocab)
+    return w
+
+
+def write_tiny_phi2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4, n_layer=2, n_ff=128,
+                    n_vocab=320, rope_dims=8, norm_eps=1e-5, seed=0):
+    """Write a random-weight Phi-2 (architecture "phi2") GGUF to path; returns its Path.
+
+    What llama.cpp's phi2 graph (src/models/phi2.cpp) reads: LayerNorm with biases, attention and an
+    ungated GELU FFN in parallel on the same normed input, a fused attn_qkv, biases everywhere, NeoX
+    RoPE on the first rope_dims of each head's 16 dimensions (partial rotary, as Phi-2's 32 of 80).
+    No GQA (Phi-2 has none). Same tokenizer as the tiny llama.
+    """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
+    qtype, file_type = WEIGHT_TYPES[weight_type]
+    tokens, token_types, merges = tiny_vocab(n_vocab)
+    weights = random_phi2_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head, n_layer, n_ff)
+    path = Path(path)
+    writer = new_writer(path, "phi2", weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
+                        n_ff, n_head, n_head)
+    writer.add_rope_dimension_count(rope_dims)
+    writer.add_layer_norm_eps(norm_eps)
+    add_tokenizer(writer, tokens, token_types, merges)
+    return write_weights_and_close(writer, weights, qtype, path)
+
+
 def write_unsupported_arch_gguf(path, arch="mamba"):
     """A small valid GGUF whose architecture the reference decoder does not support."""
     path = Path(path)
@@ -426,14 +484,14 @@ def write_unsupported_arch_gguf(path, arch="mamba"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output .gguf path")
-    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma2", "gemma3"])
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma2", "gemma3", "phi2"])
     parser.add_argument("--type", dest="weight_type", default="f32", choices=sorted(WEIGHT_TYPES))
     parser.add_argument("--n-ctx-train", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tied-output", action="store_true", help="no output.weight")
     args = parser.parse_args(argv)
-    if args.arch in ("gemma2", "gemma3"):  # their output is always tied
-        write = write_tiny_gemma2 if args.arch == "gemma2" else write_tiny_gemma3
+    if args.arch in ("gemma2", "gemma3", "phi2"):  # their output is always tied (phi2: never)
+        write = {"gemma2": write_tiny_gemma2, "gemma3": write_tiny_gemma3, "phi2": write_tiny_phi2}[args.arch]
         path = write(args.out, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train, seed=args.seed)
     else:
         path = write_tiny_model(args.out, args.arch, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train,
