@@ -35,6 +35,15 @@ def self_extend_refusal(architecture: str) -> str | None:
 
 # llama.cpp's n_swa where a GGUF has no {arch}.attention.sliding_window key (llama_model_gemma2)
 DEFAULT_SLIDING_WINDOW = {"gemma2": 4096}
+# The architectures whose llama.cpp loader reads attention.sliding_window and keeps it (src/models/*.cpp;
+# phi3 reads it and then turns sliding windows off). Every other one runs full attention whatever the
+# key says: a Mistral-style llama GGUF that carries sliding_window 4096 attends to every cached token
+# in llama.cpp, and Self-Extend with it is exact.
+SLIDING_WINDOW_ARCHITECTURES = {
+    "afmoe", "cohere2", "cohere2moe", "deepseek4", "dflash", "dots3note", "exaone-moe", "exaone4",
+    "gemma-embedding", "gemma2", "gemma3", "gemma3n", "gemma4-assistant", "gemma4", "granite_swa", "laguna",
+    "lfm2", "llama4", "maple", "mellum", "mimo2", "modern-bert", "muse-glimmer", "olmo2", "gpt-oss",
+    "plamo3", "smallthinker", "spark2_5", "step35"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,10 @@ def field(reader, key, default=None):
 
 
 def sliding_window(reader, architecture: str) -> int:
-    """n_swa as llama.cpp reads it: the GGUF's key, else the architecture's default; 0: none."""
+    """n_swa as llama.cpp reads it: the GGUF's key, else the architecture's default; 0: none, or an
+    architecture that llama.cpp runs without sliding-window layers."""
+    if architecture not in SLIDING_WINDOW_ARCHITECTURES:
+        return 0
     return int(field(reader, f"{architecture}.attention.sliding_window",
                      DEFAULT_SLIDING_WINDOW.get(architecture, 0)) or 0)
 

@@ -114,3 +114,19 @@ def test_group_size_one_is_vanilla(request, arch):
     error = np.abs(np.asarray(llm.scores[:n]) - reference_logits(reference, tokens, 1, None)).max()
     print(f"{arch} vanilla n={n}: max |diff| {error:.2e}")
     assert error <= TOLERANCE
+
+
+def test_mistral_style_sliding_window_key_is_full_attention(tmp_path, make_tiny_gguf, tiny_reference):
+    """A llama GGUF that carries attention.sliding_window (as Mistral-style conversions may): llama.cpp's
+    llama ignores the key and attends to every cached token, so Self-Extend needs no W >= n_swa and
+    matches the reference's full attention (the tiny llama's weights, with the key added)."""
+    from selfextend_gguf.gguf_info import read_model_info
+    path = make_tiny_gguf.write_tiny_llama(tmp_path / "mistral-style.gguf", weight_type="f32", sliding_window=12)
+    assert read_model_info(path).sliding_window is None
+    group_size, window = 4, 8  # W below the key's 12: accepted
+    n = fitting_length(group_size, window)
+    tokens = random_tokens(n, seed=5)
+    llm = tiny_llama(path, n, group_size, window, n_batch=64, n_ubatch=32)
+    llm.eval(tokens)
+    ours = np.asarray(llm.scores[:n])
+    assert np.abs(ours - reference_logits(tiny_reference, tokens, group_size, window)).max() <= TOLERANCE

@@ -188,13 +188,14 @@ def add_weight(writer, name, array, qtype):
 def write_tiny_model(path, arch="llama", *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4,
                      n_head_kv=2, n_layer=2, n_ff=128, n_vocab=320, head_dim=None, rope_freq_base=None,
                      rope_scaling=None, rope_scaling_factor=1.0, rope_freq_factors=False,
-                     rms_eps=1e-5, tied_output=False, seed=0):
+                     rms_eps=1e-5, tied_output=False, sliding_window=None, seed=0):
     """Write a random-weight GGUF of architecture arch (see ARCHITECTURES) to path and return
     path (as a Path). head_dim, rope_freq_base None: the architecture's default (head_dim: n_embd
     / n_head unless the architecture has its own); a head_dim other than n_embd / n_head is
     written as attention.key_length / value_length. rope_scaling: "linear" or "yarn" metadata
     with rope_scaling_factor; rope_freq_factors: a random per-frequency divisor tensor
-    rope_freqs.weight in [1, 4], as Llama 3.1 models carry."""
+    rope_freqs.weight in [1, 4], as Llama 3.1 models carry. sliding_window: an
+    attention.sliding_window key, as a Mistral-style GGUF may carry (llama.cpp's llama ignores it)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     if weight_type not in WEIGHT_TYPES:
