@@ -38,14 +38,15 @@ def baseline(name: str) -> str:
 
 
 def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode: int, threads: int,
-            window: int, group_size: int) -> dict:
+            window: int, group_size: int, n_gpu_layers: int) -> dict:
     """Runs inside a child process (see main)."""
     import numpy as np
     from selfextend_gguf.evaluate import methods, timing  # the evaluation's way of timing
 
     method = f"exact-g{group_size}-w{window}" if config["self_extend"] else "vanilla"
     runner = methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads,
-                          flash_attn=config["flash_attn"], n_batch=512, verbose=True)
+                          flash_attn=config["flash_attn"], n_batch=512, verbose=True,
+                          **({"n_gpu_layers": n_gpu_layers} if n_gpu_layers else {}))
     tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
     batches, _ = timing.read_batches(runner, tokens)
     runner.forget_after(n_decode_at)  # rewind to the decode length (cells after it are removed)
@@ -54,16 +55,19 @@ def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode
 
 
 def parse_memory(log: str) -> dict:
-    """KV cache and compute buffer sizes (MiB) from llama.cpp's log; the last reserve counts."""
+    """KV cache and compute buffer sizes (MiB) from llama.cpp's log; the last reserve counts, on the
+    GPU (CUDA0) where there is one, else on the CPU."""
     kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log)
-    compute = re.findall(r"CPU compute buffer size = +([\d.]+) MiB", log)
+    compute = (re.findall(r"CUDA0 compute buffer size = +([\d.]+) MiB", log)
+               or re.findall(r"CPU compute buffer size = +([\d.]+) MiB", log))
     return dict(kv_mib=float(kv[-1]) if kv else None, compute_mib=float(compute[-1]) if compute else None)
 
 
 def run_child(args, name: str) -> dict:
     command = [sys.executable, __file__, "--child", name, "--model", args.model, "--prefill", str(args.prefill),
                "--decode-at", str(args.decode_at), "--decode", str(args.decode), "--threads", str(args.threads),
-               "--window", str(args.window), "--group-size", str(args.group_size)]
+               "--window", str(args.window), "--group-size", str(args.group_size),
+               "--n-gpu-layers", str(args.n_gpu_layers)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -81,6 +85,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=1024, help="Self-Extend W")
     parser.add_argument("--group-size", type=int, default=4, help="Self-Extend G")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp's n_gpu_layers (-1: all)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every configuration this many times, interleaved, and report the median")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
@@ -94,7 +99,7 @@ def main() -> None:
 
     if args.child:
         print(json.dumps(measure(args.model, CONFIGS[args.child], args.prefill, args.decode_at, args.decode,
-                                 args.threads, args.window, args.group_size)))
+                                 args.threads, args.window, args.group_size, args.n_gpu_layers)))
         return
 
     names = [name for name in CONFIGS if name in args.configs or name in map(baseline, args.configs)]

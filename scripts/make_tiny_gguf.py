@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write a small random-weight GGUF for tests: the command line of selfextend_gguf.testing.tiny_gguf.
 
-    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|gemma3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3|phi2] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf --shape smollm2|llama-1b --type q8_0   (speed runs)
 """
 import sys
 from pathlib import Path

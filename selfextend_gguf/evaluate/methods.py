@@ -222,53 +222,55 @@ class ChunkedRunner(Runner):
 
 # ---------------------------------------------------------------------- one function per method
 
-def _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, verbose=False, **kwargs) -> Llama:
+def _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, verbose=False, n_gpu_layers=0, **kwargs) -> Llama:
     return Llama(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                  n_batch=n_batch, n_ubatch=min(N_UBATCH, n_batch), flash_attn=flash_attn,
-                 verbose=verbose, **kwargs)
+                 verbose=verbose, n_gpu_layers=n_gpu_layers, **kwargs)
 
 
-# each method: (model_path, length, n_threads, flash_attn, n_batch, its own options, verbose) -> Runner
+# each method: (model_path, length, n_threads, flash_attn, n_batch, its own options, verbose,
+# n_gpu_layers) -> Runner
 
-def vanilla(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False) -> Runner:
-    return Runner("vanilla", _llama(model_path, length, n_threads, flash_attn, n_batch, verbose), n_batch)
+def vanilla(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False, n_gpu_layers=0) -> Runner:
+    return Runner("vanilla", _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, n_gpu_layers), n_batch)
 
 
-def sink(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, n_sink=N_SINK, verbose=False) -> Runner:
+def sink(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, n_sink=N_SINK, verbose=False, n_gpu_layers=0) -> Runner:
     n_train = read_model_info(model_path).n_ctx_train
     n_ctx = min(length, n_train)
-    llm = _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, verbose)
+    llm = _llama(model_path, n_ctx, n_threads, flash_attn, n_batch, verbose, n_gpu_layers)
     return SinkRunner("sink", llm, keep=n_ctx - 16, n_sink=n_sink, n_batch=n_batch)
 
 
-def _rope_scaled(name, scaling_type, model_path, length, n_threads, flash_attn, n_batch, verbose, **extra):
+def _rope_scaled(name, scaling_type, model_path, length, n_threads, flash_attn, n_batch, verbose, n_gpu_layers,
+                 **extra):
     n_train = read_model_info(model_path).n_ctx_train
     scale = min(1.0, n_train / length)
-    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, rope_scaling_type=scaling_type,
+    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, n_gpu_layers, rope_scaling_type=scaling_type,
                  rope_freq_scale=scale, **extra)
     return Runner(name, llm, n_batch)
 
 
-def linear(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False) -> Runner:
+def linear(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False, n_gpu_layers=0) -> Runner:
     return _rope_scaled("linear", llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR, model_path, length,
-                        n_threads, flash_attn, n_batch, verbose)
+                        n_threads, flash_attn, n_batch, verbose, n_gpu_layers)
 
 
-def yarn(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False) -> Runner:
+def yarn(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH, verbose=False, n_gpu_layers=0) -> Runner:
     n_train = read_model_info(model_path).n_ctx_train
     return _rope_scaled("yarn", llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN, model_path, length,
-                        n_threads, flash_attn, n_batch, verbose, yarn_orig_ctx=n_train)
+                        n_threads, flash_attn, n_batch, verbose, n_gpu_layers, yarn_orig_ctx=n_train)
 
 
 def chunked(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH,
-            group_size=CHUNKED_DEFAULT[0], window=CHUNKED_DEFAULT[1], verbose=False) -> Runner:
-    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose)
+            group_size=CHUNKED_DEFAULT[0], window=CHUNKED_DEFAULT[1], verbose=False, n_gpu_layers=0) -> Runner:
+    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, n_gpu_layers)
     return ChunkedRunner(f"chunked-g{group_size}-w{window}", llm, group_size, window, n_batch)
 
 
 def exact(model_path, length, n_threads=2, flash_attn=True, n_batch=N_BATCH,
-          group_size="auto", window=None, verbose=False) -> Runner:
-    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, grp_attn_n=group_size,
+          group_size="auto", window=None, verbose=False, n_gpu_layers=0) -> Runner:
+    llm = _llama(model_path, length, n_threads, flash_attn, n_batch, verbose, n_gpu_layers, grp_attn_n=group_size,
                  grp_attn_w=window)
     name = "exact-auto" if group_size == "auto" else f"exact-g{group_size}-w{llm.grp_attn_w}"
     return Runner(name, llm, n_batch)
@@ -279,11 +281,11 @@ BUILDERS = {"vanilla": vanilla, "sink": sink, "linear": linear, "yarn": yarn, "c
 
 
 def make(name: str, model_path, length: int, n_threads: int = 2, flash_attn: bool = True,
-         n_batch: int = N_BATCH, verbose: bool = False) -> Runner:
+         n_batch: int = N_BATCH, verbose: bool = False, n_gpu_layers: int = 0) -> Runner:
     """The runner of a method name (names.parse); verbose: llama.cpp's logs (bench_speed reads its
-    buffer sizes there)."""
+    buffer sizes there); n_gpu_layers: llama.cpp's (-1: every layer on the GPU)."""
     method, options = parse(name)
     runner = BUILDERS[method](model_path, length, n_threads=n_threads, flash_attn=flash_attn,
-                              n_batch=n_batch, verbose=verbose, **options)
+                              n_batch=n_batch, verbose=verbose, n_gpu_layers=n_gpu_layers, **options)
     runner.name = name
     return runner

@@ -2,6 +2,8 @@
 reference on tiny random models (tiny_gguf), at every position."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import Llama, SelfExtend, max_context
@@ -19,8 +21,10 @@ def random_tokens(n, seed=0, n_vocab=320) -> list[int]:
 
 def tiny_llama(path, n_ctx, group_size, window, type_k=F32, type_v=F32, **kwargs) -> Llama:
     """A Llama that keeps every position's logits, with an F32 KV cache and without flash attention
-    (Llama's default is on) unless told."""
+    (Llama's default is on) unless told; every layer on the GPU where SELFEXTEND_TEST_N_GPU_LAYERS=-1
+    (scripts/gpu_check.sh runs the parity tests so)."""
     kwargs.setdefault("flash_attn", False)
+    kwargs.setdefault("n_gpu_layers", int(os.environ.get("SELFEXTEND_TEST_N_GPU_LAYERS", "0")))
     return Llama(str(path), n_ctx=n_ctx, grp_attn_n=group_size, grp_attn_w=window, logits_all=True,
                  type_k=type_k, type_v=type_v, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
 

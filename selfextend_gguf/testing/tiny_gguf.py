@@ -16,6 +16,7 @@ with attention and final logit soft-capping. phi2 (write_tiny_phi2): LayerNorms,
 and FFN, fused QKV, biases, partial rotary.
 
     python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3|phi2] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf --shape smollm2|llama-1b --type q8_0   (speed runs)
 
 Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_qwen3(path, ...),
 write_tiny_gemma2(path, ...), write_tiny_gemma3(path, ...), write_tiny_phi2(path, ...),
@@ -257,6 +258,25 @@ def write_weights_and_close(writer, weights, qtype, path):
     return path
 
 
+def write_arch_gguf(path, arch, weight_type, seed, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv,
+                    random_weights, add_keys):
+    """The common steps of the writers of one architecture: random_weights(rng, n_vocab) -> the
+    weights, add_keys(writer) -> the architecture's own metadata; the tiny tokenizer; returns path."""
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
+    if n_head % n_head_kv:
+        raise ValueError("n_head must be a multiple of n_head_kv")
+    qtype, file_type = WEIGHT_TYPES[weight_type]
+    tokens, token_types, merges = tiny_vocab(n_vocab)
+    weights = random_weights(np.random.default_rng(seed), len(tokens))
+    path = Path(path)
+    writer = new_writer(path, arch, weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
+                        n_ff, n_head, n_head_kv)
+    add_keys(writer)
+    add_tokenizer(writer, tokens, token_types, merges)
+    return write_weights_and_close(writer, weights, qtype, path)
+
+
 def add_tokenizer(writer, tokens, token_types, merges):
     """The tiny byte-level BPE vocabulary (tiny_vocab()), no BOS/EOS added, ChatML template."""
     writer.add_tokenizer_model("gpt2")
@@ -354,27 +374,19 @@ def write_tiny_gemma3(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_h
     None leaves the key out, as the HF converter does for Gemma 3: llama.cpp then uses 6.
     Same tokenizer as the tiny llama.
     """
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
-    if n_head % n_head_kv:
-        raise ValueError("n_head must be a multiple of n_head_kv")
-    qtype, file_type = WEIGHT_TYPES[weight_type]
-    tokens, token_types, merges = tiny_vocab(n_vocab)
-    weights = random_gemma3_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head, n_head_kv,
-                                    head_dim, n_layer, n_ff)
-    path = Path(path)
-    writer = new_writer(path, "gemma3", weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
-                        n_ff, n_head, n_head_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(rope_freq_base)
-    writer.add_rope_freq_base_swa(rope_freq_base_swa)
-    writer.add_sliding_window(sliding_window)
-    if swa_pattern is not None:
-        writer.add_sliding_window_pattern(swa_pattern)
-    writer.add_layer_norm_rms_eps(rms_eps)
-    add_tokenizer(writer, tokens, token_types, merges)
-    return write_weights_and_close(writer, weights, qtype, path)
+    def add_keys(writer):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_freq_base(rope_freq_base)
+        writer.add_rope_freq_base_swa(rope_freq_base_swa)
+        writer.add_sliding_window(sliding_window)
+        if swa_pattern is not None:
+            writer.add_sliding_window_pattern(swa_pattern)
+        writer.add_layer_norm_rms_eps(rms_eps)
+
+    return write_arch_gguf(path, "gemma3", weight_type, seed, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head,
+                           n_head_kv, lambda rng, n: random_gemma3_weights(rng, n, n_embd, n_head, n_head_kv, head_dim,
+                                                                           n_layer, n_ff), add_keys)
 
 
 def write_tiny_gemma2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_head=4, n_head_kv=2,
@@ -388,26 +400,18 @@ def write_tiny_gemma2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_h
     is 2 (Gemma 2's own is 50): the tiny model's scores, of std ~1, reach it, so that soft-capping
     changes them (a cap applied to one block of scores and not the other would show).
     """
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
-    if n_head % n_head_kv:
-        raise ValueError("n_head must be a multiple of n_head_kv")
-    qtype, file_type = WEIGHT_TYPES[weight_type]
-    tokens, token_types, merges = tiny_vocab(n_vocab)
-    weights = random_gemma3_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head, n_head_kv,
-                                    head_dim, n_layer, n_ff, qk_norm=False)
-    path = Path(path)
-    writer = new_writer(path, "gemma2", weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
-                        n_ff, n_head, n_head_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(rope_freq_base)
-    writer.add_sliding_window(sliding_window)
-    writer.add_attn_logit_softcapping(attn_logit_softcapping)
-    writer.add_final_logit_softcapping(final_logit_softcapping)
-    writer.add_layer_norm_rms_eps(rms_eps)
-    add_tokenizer(writer, tokens, token_types, merges)
-    return write_weights_and_close(writer, weights, qtype, path)
+    def add_keys(writer):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_freq_base(rope_freq_base)
+        writer.add_sliding_window(sliding_window)
+        writer.add_attn_logit_softcapping(attn_logit_softcapping)
+        writer.add_final_logit_softcapping(final_logit_softcapping)
+        writer.add_layer_norm_rms_eps(rms_eps)
+
+    return write_arch_gguf(path, "gemma2", weight_type, seed, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head,
+                           n_head_kv, lambda rng, n: random_gemma3_weights(rng, n, n_embd, n_head, n_head_kv, head_dim,
+                                                                           n_layer, n_ff, qk_norm=False), add_keys)
 
 
 # ----------------------------------------------------------------------------- phi2
@@ -453,18 +457,12 @@ def write_tiny_phi2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_hea
     RoPE on the first rope_dims of each head's 16 dimensions (partial rotary, as Phi-2's 32 of 80).
     No GQA (Phi-2 has none). Same tokenizer as the tiny llama.
     """
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
-    qtype, file_type = WEIGHT_TYPES[weight_type]
-    tokens, token_types, merges = tiny_vocab(n_vocab)
-    weights = random_phi2_weights(np.random.default_rng(seed), len(tokens), n_embd, n_head, n_layer, n_ff)
-    path = Path(path)
-    writer = new_writer(path, "phi2", weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
-                        n_ff, n_head, n_head)
-    writer.add_rope_dimension_count(rope_dims)
-    writer.add_layer_norm_eps(norm_eps)
-    add_tokenizer(writer, tokens, token_types, merges)
-    return write_weights_and_close(writer, weights, qtype, path)
+    def add_keys(writer):
+        writer.add_rope_dimension_count(rope_dims)
+        writer.add_layer_norm_eps(norm_eps)
+
+    return write_arch_gguf(path, "phi2", weight_type, seed, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head,
+                           n_head, lambda rng, n: random_phi2_weights(rng, n, n_embd, n_head, n_layer, n_ff), add_keys)
 
 
 def write_unsupported_arch_gguf(path, arch="mamba"):
@@ -482,6 +480,16 @@ def write_unsupported_arch_gguf(path, arch="mamba"):
     return path
 
 
+# --shape: random llama weights at a real model's size, for speed measurements (scripts/gpu_check.sh):
+# weights do not change speed. The vocabulary stays the tiny one (its BPE is trained on the fly).
+SHAPES = {
+    "smollm2": dict(n_embd=576, n_layer=30, n_head=9, n_head_kv=3, n_ff=1536, n_ctx_train=8192,
+                    rope_freq_base=100000.0),  # SmolLM2-135M
+    "llama-1b": dict(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192, n_ctx_train=8192,
+                     rope_freq_base=500000.0),  # Llama 3.2 1B's decoder
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output .gguf path")
@@ -490,7 +498,16 @@ def main(argv=None):
     parser.add_argument("--n-ctx-train", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tied-output", action="store_true", help="no output.weight")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="llama weights in a real model's shape (its trained context too), for speed runs")
     args = parser.parse_args(argv)
+    if args.shape:
+        if args.arch != "llama":
+            parser.error("--shape writes llama weights; leave --arch at llama")
+        path = write_tiny_model(args.out, "llama", weight_type=args.weight_type, seed=args.seed,
+                                tied_output=args.tied_output, **SHAPES[args.shape])
+        print(path)
+        return
     if args.arch in ("gemma2", "gemma3", "phi2"):  # their output is always tied (phi2: never)
         write = {"gemma2": write_tiny_gemma2, "gemma3": write_tiny_gemma3, "phi2": write_tiny_phi2}[args.arch]
         path = write(args.out, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train, seed=args.seed)
