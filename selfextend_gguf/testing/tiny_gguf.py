@@ -319,6 +319,17 @@ def write_tiny_qwen3(path, **kwargs):
 FFN_OUT_SCALE = 0.25
 
 
+def samplers(rng):
+    """(normal(std, *shape), norm_weight(n)): float32 draws from rng, N(0, std^2) and 1 + 0.1 N(0, 1)."""
+    def normal(std, *shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    return normal, norm_weight
+
+
 def random_gemma3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, head_dim, n_layer, n_ff, qk_norm=True):
     """{gguf tensor name: float32 array in torch order [out, in]} of a Gemma 3 decoder; the output
     is tied to the token embedding (no output.weight), as in every Gemma 3.
@@ -331,12 +342,7 @@ def random_gemma3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, head_dim, n_l
     post-attention norms that make the attention's residual updates unit-RMS, post-FFN norms a quarter of that
     (FFN_OUT_SCALE), logits of std ~2.
     """
-    def normal(std, *shape):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    def norm_weight(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
+    normal, norm_weight = samplers(rng)
     proj = 1.0 / np.sqrt(n_embd)
     w = {"token_embd.weight": normal(0.25, n_vocab, n_embd)}
     for i in range(n_layer):
@@ -422,12 +428,7 @@ def random_phi2_weights(rng, n_vocab, n_embd, n_head, n_layer, n_ff):
     Scales keep activations O(1): unit-variance embeddings (LayerNorm normalizes them anyway),
     scores of std ~2 (so that Self-Extend's grouping moves the logits), attention and FFN residual
     updates of RMS ~1 and ~0.25 (the FFN's GELU is llama.cpp's float16 table, see FFN_OUT_SCALE)."""
-    def normal(std, *shape):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    def norm_weight(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
+    normal, norm_weight = samplers(rng)
     proj = 1.0 / np.sqrt(n_embd)
     w = {"token_embd.weight": normal(1.0, n_vocab, n_embd)}
     for i in range(n_layer):
