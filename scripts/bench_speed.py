@@ -45,8 +45,7 @@ def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode
 
     method = f"exact-g{group_size}-w{window}" if config["self_extend"] else "vanilla"
     runner = methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads,
-                          flash_attn=config["flash_attn"], n_batch=512, verbose=True,
-                          **({"n_gpu_layers": n_gpu_layers} if n_gpu_layers else {}))
+                          flash_attn=config["flash_attn"], n_batch=512, verbose=True, n_gpu_layers=n_gpu_layers)
     tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
     batches, _ = timing.read_batches(runner, tokens)
     runner.forget_after(n_decode_at)  # rewind to the decode length (cells after it are removed)
