@@ -1,5 +1,5 @@
-"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma2, gemma3, phi2) with the
-`gguf` package: hyperparameters (HParams, with the architecture's ArchOptions) and dequantized tensors.
+"""Read a GGUF file of a supported architecture (ARCHITECTURES: llama, qwen2, qwen3, gemma2, gemma3, phi2, phi3)
+with the `gguf` package: hyperparameters (HParams, with the architecture's ArchOptions) and dequantized tensors.
 
 Tensors come back in torch order (the reverse of ggml's ne): a weight of ggml shape
 [n_in, n_out] is returned as [n_out, n_in], so that y = x @ W.T. The Q and K weights (and
@@ -44,6 +44,7 @@ class ArchOptions:
     post_norms: bool = False          # RMSNorm of the attention and FFN outputs (post_attention_norm, post_ffw_norm)
     ffn_act: str = "silu"             # the FFN's activation: "silu" (SwiGLU) or "gelu" (GELU(tanh), GeGLU)
     ffn_gated: bool = True            # False: act(x W_up + b_up) W_down + b_down, no gate (phi2)
+    ffn_gate_up_fused: bool = False   # ffn_up holds the gate (its first n_ff rows) and then the up projection (phi3)
     layer_norm: bool = False          # LayerNorm with weight and bias (eps: attention.layer_norm_epsilon), not RMSNorm
     parallel_block: bool = False      # attention and FFN both read attn_norm(x): x + attn + ffn (phi2)
     embd_scale: bool = False          # token embeddings times sqrt(n_embd)
@@ -68,6 +69,9 @@ ARCHITECTURES = {
                           swa_pattern=6, logit_softcapping=True, attention_scale=gemma_attention_scale(62)),
     # + fused attn_qkv, biases on every projection and the output, partial rotary (rope.dimension_count)
     "phi2": ArchOptions(rope_neox=True, ffn_act="gelu", ffn_gated=False, layer_norm=True, parallel_block=True),
+    # + fused attn_qkv, LongRoPE (rope_factors_long / rope_factors_short, see model.py), no sliding window:
+    # llama.cpp turns Phi-3's off when it loads the model
+    "phi3": ArchOptions(rope_neox=True, ffn_gate_up_fused=True),
 }
 
 
@@ -85,6 +89,9 @@ class HParams:
     rope_dims: int
     rope_base: float
     rope_freq_scale: float           # 1 / linear scaling factor
+    rope_attn_factor: float          # rope.scaling.attn_factor (1 if absent): scales every RoPE rotation
+    n_ctx_orig: int                  # rope.scaling.original_context_length (n_ctx_train if absent): past it
+                                     # llama.cpp picks LongRoPE's long factors (model.py)
     architecture: str                # general.architecture, a key of ARCHITECTURES
     options: ArchOptions             # ARCHITECTURES[architecture]
     attention_scale: float           # the scores' scale (llama.cpp's f_attention_scale)
@@ -202,6 +209,8 @@ def read_hparams(reader, path=""):
         rope_dims=int(optional("rope.dimension_count", head_dim)),
         rope_base=rope_base,
         rope_freq_scale=rope_freq_scale,
+        rope_attn_factor=float(optional("rope.scaling.attn_factor", 1.0)),
+        n_ctx_orig=int(optional("rope.scaling.original_context_length", required("context_length"))),
         architecture=arch,
         options=options,
         attention_scale=options.attention_scale(n_layer, n_embd, n_head, head_dim),

@@ -19,6 +19,11 @@ as stored.
     phi2    LayerNorm (weight and bias) instead of RMSNorm; attention and an ungated GELU FFN in parallel,
             both on attn_norm(x): x + attn + ffn; biases on every projection and the logits; fused
             attn_qkv; NeoX RoPE on the first rope.dimension_count dimensions of each head only
+    phi3    llama with NeoX RoPE (on rope.dimension_count dimensions), a fused attn_qkv, and ffn_up holding
+            the gate and the up projection; LongRoPE: two sets of RoPE factors, rope_factors_short and
+            rope_factors_long, picked as llama.cpp picks them (global_rope: long where the context, or with
+            Self-Extend on the span it rotates, exceeds rope.scaling.original_context_length), and every
+            rotation scaled by rope.scaling.attn_factor (Rope.attn_factor)
     gemma3  NeoX RoPE; per-head RMSNorm of Q and K (attn_q_norm, attn_k_norm) before RoPE; post-norms;
             GELU(tanh)-gated FFN; embeddings * sqrt(n_embd); scores scaled by 1/sqrt(head_dim)
             (27B: 1/sqrt(n_embd / n_head)); final logit softcapping; the HF -> GGUF converter already
@@ -55,7 +60,7 @@ import torch.nn.functional as F
 
 from .attention import LLAMA_CPP_DEFAULT_N_BATCH, AttentionMode, chunked_attention, layer_attention
 from .gguf_loader import HParams, TensorTaker, load_gguf
-from .positions import completion_kv_shift
+from .positions import completion_kv_shift, grouped_query_position
 from .rope import Rope
 
 
@@ -181,7 +186,7 @@ def check_dtype(dtype):
 
 class ReferenceModel:
     def __init__(self, hparams: HParams, tok_embd, layers, output_norm, output, rope, rope_swa, dtype,
-                 ffn_gelu="tanh", output_norm_b=None, output_b=None):
+                 ffn_gelu="tanh", output_norm_b=None, output_b=None, rope_long=None, n_ctx=None):
         if ffn_gelu not in FFN_GELU:
             raise ValueError(f"ffn_gelu must be one of {sorted(FFN_GELU)}, got {ffn_gelu!r}")
         self.hparams = hparams
@@ -193,14 +198,19 @@ class ReferenceModel:
         self.output_b = output_b        # [n_vocab] the logits' bias (phi2), or None
         self.rope = rope                # RoPE of the global layers (every layer without sliding ones)
         self.rope_swa = rope_swa        # RoPE of the sliding-window layers
+        self.rope_long = rope_long      # LongRoPE (phi3): the global layers' RoPE with the long factors, or None
+        self.n_ctx = hparams.n_ctx_train if n_ctx is None else n_ctx  # llama.cpp's context size (per sequence),
+                                                                      # which picks LongRoPE's factors
         self.dtype = dtype
         self.ffn_gelu = ffn_gelu        # "tanh" or "ggml_cpu": the GELU of an ffn_act "gelu" architecture
         self.ffn_act = F.silu if hparams.options.ffn_act == "silu" else FFN_GELU[ffn_gelu]
 
     @classmethod
-    def from_gguf(cls, path, dtype=torch.float64, ffn_gelu="tanh"):
+    def from_gguf(cls, path, dtype=torch.float64, ffn_gelu="tanh", n_ctx=None):
         """Load a GGUF of any supported architecture; every quant type the gguf package knows is
-        dequantized. ffn_gelu="ggml_cpu" matches llama.cpp's CPU backend (see gelu_ggml_cpu)."""
+        dequantized. ffn_gelu="ggml_cpu" matches llama.cpp's CPU backend (see gelu_ggml_cpu). n_ctx: the
+        context size llama.cpp runs the model with (llama_n_ctx_seq; None: the trained context), which
+        only LongRoPE models read (global_rope)."""
         check_dtype(dtype)
         hp, arrays = load_gguf(path)
         o = hp.options
@@ -225,15 +235,24 @@ class ReferenceModel:
             split = (q_dim, kv_dim, kv_dim)
             return (*fused.split(split), *(bias.split(split) if bias is not None else (None,) * 3))
 
+        def gate_up(i):
+            """(w_gate, w_up) of layer i: separate, or split from ffn_up (phi3: the gate first, as ggml_swiglu
+            reads the fused output)."""
+            if o.ffn_gate_up_fused:
+                return take(f"blk.{i}.ffn_up.weight", (2 * hp.n_ff, hp.n_embd)).split(hp.n_ff)
+            return (take_if(o.ffn_gated, f"blk.{i}.ffn_gate.weight", (hp.n_ff, hp.n_embd)),
+                    take(f"blk.{i}.ffn_up.weight", (hp.n_ff, hp.n_embd)))
+
         def layer(i):
             wq, wk, wv, bq, bk, bv = qkv(i)
+            w_gate, w_up = gate_up(i)
             return LayerWeights(
                 attn_norm=take(f"blk.{i}.attn_norm.weight", (hp.n_embd,)),
                 wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
                 wo=take(f"blk.{i}.attn_output.weight", (hp.n_embd, q_dim)),
                 ffn_norm=take_if(not o.parallel_block, f"blk.{i}.ffn_norm.weight", (hp.n_embd,)),
-                w_gate=take_if(o.ffn_gated, f"blk.{i}.ffn_gate.weight", (hp.n_ff, hp.n_embd)),
-                w_up=take(f"blk.{i}.ffn_up.weight", (hp.n_ff, hp.n_embd)),
+                w_gate=w_gate,
+                w_up=w_up,
                 w_down=take(f"blk.{i}.ffn_down.weight", (hp.n_embd, hp.n_ff)),
                 q_norm=take_if(o.qk_norm, f"blk.{i}.attn_q_norm.weight", (hp.head_dim,)),
                 k_norm=take_if(o.qk_norm, f"blk.{i}.attn_k_norm.weight", (hp.head_dim,)),
@@ -252,12 +271,23 @@ class ReferenceModel:
         output = take.optional("output.weight", (hp.n_vocab, hp.n_embd))
         output_b = take.optional("output.bias", (hp.n_vocab,))
         freq_factors = take.optional("rope_freqs.weight", (hp.rope_dims // 2,))
+        factors_short = take.optional("rope_factors_short.weight", (hp.rope_dims // 2,))  # LongRoPE (phi3)
+        factors_long = take.optional("rope_factors_long.weight", (hp.rope_dims // 2,))
         take.check_all_taken(f"the reference decoder ({hp.architecture})")
-        rope = Rope(n_dims=hp.rope_dims, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=hp.rope_neox,
-                    freq_factors=None if freq_factors is None else freq_factors.to(torch.float64))
-        rope_swa = Rope(n_dims=hp.rope_dims, base=hp.rope_base_swa, neox=hp.rope_neox)  # llama.cpp: freq_scale_swa 1
+
+        def global_layers_rope(factors):
+            return Rope(n_dims=hp.rope_dims, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=hp.rope_neox,
+                        freq_factors=None if factors is None else factors.to(torch.float64),
+                        attn_factor=hp.rope_attn_factor)
+
+        # as llama_model::get_rope_factors: rope_freqs where the file has it, else LongRoPE's pair (if any)
+        long_rope = freq_factors is None and (factors_short is not None or factors_long is not None)
+        rope = global_layers_rope(freq_factors if freq_factors is not None else factors_short)
+        rope_long = global_layers_rope(factors_long) if long_rope else None
+        rope_swa = Rope(n_dims=hp.rope_dims, base=hp.rope_base_swa, neox=hp.rope_neox,  # llama.cpp: freq_scale_swa 1
+                        attn_factor=hp.rope_attn_factor)
         return cls(hp, tok_embd, layers, output_norm, tok_embd if output is None else output, rope, rope_swa,
-                   dtype, ffn_gelu, output_norm_b, output_b)
+                   dtype, ffn_gelu, output_norm_b, output_b, rope_long, n_ctx)
 
     def to(self, dtype):
         """A copy with the weights cast to dtype (float32 <-> float64 is exact for GGUF weights)."""
@@ -268,7 +298,7 @@ class ReferenceModel:
             return None if t is None else t.to(dtype)
         return ReferenceModel(self.hparams, tok_embd, [w.to(dtype) for w in self.layers],
                               self.output_norm.to(dtype), output, self.rope, self.rope_swa, dtype, self.ffn_gelu,
-                              cast(self.output_norm_b), cast(self.output_b))
+                              cast(self.output_norm_b), cast(self.output_b), self.rope_long, self.n_ctx)
 
     @property
     def tied_output(self):
@@ -325,12 +355,26 @@ class ReferenceModel:
                              f"sliding-window layers ({self.hparams.architecture})")
         return mode
 
+    def global_rope(self, mode):
+        """The RoPE of the global layers under mode, with the factors llama_model::get_rope_factors picks. A
+        LongRoPE model (phi3) takes its long factors where the context holds query-key distances past the
+        original context: n_ctx > n_ctx_orig in llama.cpp. With Self-Extend on (G > 1) the patch reads the
+        span Self-Extend rotates instead, the grouped position of the last query plus 1 (the first key's is
+        0; closer pairs keep distances below W), so positions kept within the original context get the short
+        factors."""
+        if self.rope_long is None:
+            return self.rope
+        n_ctx_rotated = self.n_ctx
+        if mode.name == "self_extend" and mode.group_size > 1 and self.n_ctx > mode.window:
+            n_ctx_rotated = grouped_query_position(self.n_ctx - 1, mode.group_size, mode.window) + 1
+        return self.rope_long if n_ctx_rotated > self.hparams.n_ctx_orig else self.rope
+
     def layer_attend(self, layer, mode, q_pos, k_pos, k_rope_pos=None, self_extend_sliding=False):
         """attend(q, k, v) of one layer: its RoPE, its mask, and Self-Extend if it applies to it."""
         hp = self.hparams
         sliding = hp.swa_layers[layer]
         extend = mode.name == "self_extend" and (self_extend_sliding or not sliding)
-        rope = self.rope_swa if sliding else self.rope
+        rope = self.rope_swa if sliding else self.global_rope(mode)
         n_swa = hp.sliding_window if sliding else 0
         group_size = mode.group_size if extend else 1
 
@@ -355,7 +399,8 @@ class ReferenceModel:
         pos = torch.arange(x.shape[0])
 
         def chunked(q, k, v):  # every layer global: checked by attention_mode
-            return chunked_attention(q, k, v, mode.group_size, mode.window, self.rope, self.hparams.attention_scale,
+            return chunked_attention(q, k, v, mode.group_size, mode.window, self.global_rope(mode),
+                                     self.hparams.attention_scale,
                                      n_batch=mode.n_batch, pos_div_sign_bug=mode.pos_div_sign_bug,
                                      softcap=self.hparams.attn_logit_softcapping)
 

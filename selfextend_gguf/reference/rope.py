@@ -4,6 +4,8 @@ Two layouts of the rotated pairs in a head vector x[0..n_dims):
     normal (LLAMA_ROPE_TYPE_NORM, llama architecture): pairs (x[2i], x[2i+1])
     neox   (LLAMA_ROPE_TYPE_NEOX):                     pairs (x[i], x[i + n_dims/2])
 Pair i is rotated by the angle  pos * freq_scale * base^(-2i/n_dims) / freq_factor[i].
+The rotated pairs are also scaled by attn_factor (rope.scaling.attn_factor, LongRoPE's: ggml_rope_ext
+multiplies its cos and sin by it), so a query and a key each carry it once.
 Dimensions from n_dims on (partial rotary) pass through unchanged.
 Angles are computed in float64 and their cos/sin cast to the dtype of x.
 """
@@ -19,7 +21,8 @@ class Rope:
     base: float = 10000.0                         # rope.freq_base (theta)
     freq_scale: float = 1.0                       # 1 / linear scaling factor
     neox: bool = False                            # False: normal (adjacent pairs)
-    freq_factors: Optional[torch.Tensor] = None   # [n_dims/2] rope_freqs.weight, or None
+    freq_factors: Optional[torch.Tensor] = None   # [n_dims/2] rope_freqs.weight (or LongRoPE's factors), or None
+    attn_factor: float = 1.0                      # scale of the rotated pairs (rope.scaling.attn_factor)
 
     def angles(self, positions):
         """[n] integer positions -> [n, n_dims/2] float64 rotation angles."""
@@ -32,7 +35,8 @@ class Rope:
     def __call__(self, x, positions):
         """x: [..., n, head_dim], positions: [n] -> x rotated, same shape and dtype."""
         angle = self.angles(positions)
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)  # [n, n_dims/2]
+        cos = (angle.cos() * self.attn_factor).to(x.dtype)  # [n, n_dims/2]
+        sin = (angle.sin() * self.attn_factor).to(x.dtype)
         rot, rest = x[..., :self.n_dims], x[..., self.n_dims:]
         if self.neox:
             x1, x2 = rot[..., : self.n_dims // 2], rot[..., self.n_dims // 2:]
