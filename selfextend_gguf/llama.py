@@ -18,6 +18,9 @@ llama_cpp = load_llama_cpp()
 
 logger = logging.getLogger("selfextend_gguf")
 
+# llama_set_self_extend's status where tokens are cached and the new settings change a LongRoPE model's factors
+LONGROPE_FACTORS_WOULD_CHANGE = -3
+
 
 class Llama(llama_cpp.Llama):
     """llama_cpp.Llama plus Self-Extend.
@@ -72,10 +75,16 @@ class Llama(llama_cpp.Llama):
                 return
 
     def set_self_extend(self, group_size: int, neighbor_window: int) -> None:
-        """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes)."""
+        """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes), unless
+        the change would give a LongRoPE model (Phi-3) other RoPE factors: then ValueError, cache untouched."""
         setting = settings.SelfExtend(group_size, neighbor_window if group_size > 1 else 0)
         settings.validate(setting, self.n_ctx_requested, self.model_info.n_ctx_train, self.model_info.sliding_window)
         status = self._lib.llama_set_self_extend(self._ctx.ctx, setting.group_size, setting.neighbor_window)
+        if status == LONGROPE_FACTORS_WOULD_CHANGE:
+            raise ValueError(f"Self-Extend G={group_size}, W={neighbor_window} would rotate the cached tokens of "
+                             f"{self.model_info.path.name} with other LongRoPE factors (long or short) than they "
+                             "were rotated with: clear the cache first (llama_memory_clear; Llama.reset() alone "
+                             "keeps it), or switch before evaluating")
         if status != 0:
             raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={neighbor_window}) for "
                              f"{self.model_info.path.name} (status {status}): it needs a RoPE model with a "
