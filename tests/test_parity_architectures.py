@@ -3,8 +3,9 @@ KV cache, trained context 64; the bar: max |logit difference| <= 1e-3 at every p
 ubatches smaller than the prompt, token-by-token decode across window and group boundaries, and
 G = 1 (plain llama.cpp). What only one architecture has stays in its own file: test_parity.py
 (llama: flash attention, rewinds, states, several sequences, RoPE scaling), test_parity_qwen2.py,
-test_parity_gemma2.py (soft-capping with flash attention), test_parity_gemma3.py (sliding-window layers). qwen3's prefill cases run with and without flash
-attention (heads of 32: another head size than the llama fixture's 16).
+test_parity_gemma2.py (soft-capping with flash attention), test_parity_gemma3.py (sliding-window layers),
+test_parity_phi3.py (LongRoPE: its factors depend on n_ctx, G and W). qwen3's prefill cases run with and
+without flash attention (heads of 32: another head size than the llama fixture's 16).
 
     llama   the llama fixture
     qwen2   the same weights plus Q/K/V biases, NeoX RoPE, RoPE base 1e6
