@@ -31,26 +31,59 @@ def ggml_base():
     lib.ggml_nelements.restype = lib.ggml_nrows.restype = ctypes.c_int64
     for function in (lib.ggml_op_desc, lib.ggml_get_name, lib.ggml_nelements, lib.ggml_nrows):
         function.argtypes = [ctypes.c_void_p]
+    # where a node runs (the buffer type of its result), and what a device says of it
+    lib.ggml_backend_buffer_get_type.restype = ctypes.c_void_p
+    lib.ggml_backend_buffer_get_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_buft_name.restype = ctypes.c_char_p
+    lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_supports_op.restype = ctypes.c_bool
+    lib.ggml_backend_dev_supports_op.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
-def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False, widths=None):
+def tensor_buffer(tensor):
+    """ggml_tensor's buffer field: the struct starts with enum ggml_type, then the buffer pointer."""
+    return ctypes.c_void_p.from_address(tensor + ctypes.sizeof(ctypes.c_void_p)).value
+
+
+def layer_device():
+    """The device that runs the layers of a model loaded with every layer offloaded: the first GPU
+    (ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)), else the CPU. libggml holds the registry."""
+    ggml = ctypes.CDLL(str(lib_dir() / "libggml.so"))
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    gpu, cpu = 1, 0  # enum ggml_backend_dev_type
+    return ggml.ggml_backend_dev_by_type(gpu) or ggml.ggml_backend_dev_by_type(cpu)
+
+
+def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False, widths=None,
+              n_gpu_layers=0, nodes=None):
     """The ggml operation names of every node computed while evaluating n_tokens tokens.
-    widths, a dict, gets the first dimensions of the nodes named "<name>-<layer>", by name."""
+    widths, a dict, gets the first dimensions of the nodes named "<name>-<layer>", by name.
+    nodes, a dict, gets for each (operation, name without the layer) the buffer types its results were
+    computed into (which device ran it: "CPU", "Vulkan0", ...) and whether layer_device()'s
+    ggml_backend_dev_supports_op accepts the node ("supported")."""
     ggml = ggml_base()
     seen = set()
+    device = layer_device() if nodes is not None else None
 
     @llama_cpp.ggml_backend_sched_eval_callback
     def record(tensor, ask, user_data):
-        seen.add(ggml.ggml_op_desc(tensor).decode())
-        if widths is not None:
-            name = re.match(r"(.*)-\d+$", ggml.ggml_get_name(tensor).decode())  # "<name>-<layer>"
-            if name:
-                widths.setdefault(name[1], set()).add(ggml.ggml_nelements(tensor) // ggml.ggml_nrows(tensor))
+        op = ggml.ggml_op_desc(tensor).decode()
+        seen.add(op)
+        name = re.match(r"(.*?)(-\d+)?$", ggml.ggml_get_name(tensor).decode())  # "<name>-<layer>"
+        if widths is not None and name[2]:
+            widths.setdefault(name[1], set()).add(ggml.ggml_nelements(tensor) // ggml.ggml_nrows(tensor))
+        if nodes is not None:
+            node = nodes.setdefault((op, name[1]), {"buffers": set(), "supported": True})
+            buffer = tensor_buffer(tensor)
+            node["buffers"].add(ggml.ggml_backend_buft_name(ggml.ggml_backend_buffer_get_type(buffer)).decode()
+                                if buffer else "none")
+            node["supported"] &= bool(ggml.ggml_backend_dev_supports_op(device, tensor))
         return False  # nothing to copy out
 
     llm = Llama(str(path), n_ctx=n_tokens + 8, n_batch=64, n_ubatch=64, verbose=False, type_k=type_k,
-                flash_attn=flash_attn, grp_attn_n=group_size, grp_attn_w=window)
+                flash_attn=flash_attn, grp_attn_n=group_size, grp_attn_w=window, n_gpu_layers=n_gpu_layers)
     params = llm.context_params
     params.cb_eval = record
     ctx = llama_cpp.llama_init_from_model(llm.model, params)
@@ -90,6 +123,19 @@ def test_self_extend_with_flash_attention_uses_one_flash_attention_per_block_on_
     assert not {"PAD", "OUT_PROD"} & extended  # neither the doubled head size nor the non-flash decode
     assert extended <= vanilla | SELF_EXTEND_FLASH_LSE_OPS, \
         f"undocumented: {sorted(extended - vanilla - SELF_EXTEND_FLASH_LSE_OPS)}"
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no_flash", "flash"])
+def test_every_node_is_supported_by_the_device_that_runs_it(tiny_f32_gguf, flash_attn):
+    """The op audit on the live CPU device (tests/vulkan_check.py runs the same on Vulkan): its
+    supports_op accepts every node of the real Self-Extend graph (prefill ubatches and decode steps),
+    and every node is computed into a CPU buffer."""
+    nodes = {}
+    graph_ops(tiny_f32_gguf, 4, 16, 192, flash_attn=flash_attn, nodes=nodes)
+    assert any("self_extend" in name for _, name in nodes), sorted(nodes)
+    refused = sorted(key for key, node in nodes.items() if not node["supported"])
+    assert not refused, f"the CPU device refuses {refused}"
+    assert {b for node in nodes.values() for b in node["buffers"]} <= {"CPU", "none"}
 
 
 def flash_graph(path) -> dict:
