@@ -96,11 +96,17 @@ print(json.dumps(function(*json.loads(sys.argv[5]))))
 """
 
 
+def library_env(library_dir: Path) -> dict:
+    """This process's environment for a child bound to library_dir (a process loads one libllama)."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    env["SELFEXTEND_GGUF_LIB_PATH"] = str(library_dir)
+    return env
+
+
 def run_with_library(library_dir: Path, module: str, function: str, *args):
     """function(*args) of tests/<module>.py in a child process bound to library_dir; the function
     takes and returns JSON values."""
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    env["SELFEXTEND_GGUF_LIB_PATH"] = str(library_dir)
+    env = library_env(library_dir)
     done = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(ROOT / "tests"), module, function,
                            json.dumps(args)], capture_output=True, text=True, env=env)
     if done.returncode != 0:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from native_build import ROOT, build_llama_cpp, have_build_tools, run_with_library
+from native_build import ROOT, build_llama_cpp, have_build_tools, library_env, run_with_library
 
 VULKAN_BUILD = ROOT / "build" / "vulkan"
 VULKAN_UNPATCHED_BUILD = ROOT / "build" / "vulkan-unpatched"
@@ -48,12 +48,6 @@ NEEDED = {
 PARITY_FILES = ["tests/test_parity.py", "tests/test_parity_architectures.py", "tests/test_parity_kv_types.py",
                 "tests/test_parity_gemma2.py", "tests/test_parity_gemma3.py"]
 PARITY_DESELECT = "not no_flash_lse and not fallbacks and not transposed and not refused and not yarn"
-
-
-def device_env(library_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    env.update(SELFEXTEND_GGUF_LIB_PATH=str(library_dir), GGML_VK_VISIBLE_DEVICES="0")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +122,9 @@ def test_self_extend_nodes_run_on_the_device(vulkan_bin_dir, tiny_f32_gguf, tiny
     runs on the CPU, and the path its probes took is the documented one."""
     extended, vanilla = (run_with_library(vulkan_bin_dir, "vulkan_check", "offloaded_graph", str(tiny_f32_gguf),
                                           g, w, flash_attn) for g, w in ((4, 16), (1, None)))
+    vanilla_nodes = {(op, name) for op, name, _, _ in vanilla["nodes"]}
     vanilla_cpu = {(op, name) for op, name, buffers, _ in vanilla["nodes"] if not on_device(buffers)}
-    added = [(op, name, buffers, ok) for op, name, buffers, ok in extended["nodes"]
-             if (op, name) not in {(o, n) for o, n, _, _ in vanilla["nodes"]}]
+    added = [(op, name, buffers, ok) for op, name, buffers, ok in extended["nodes"] if (op, name) not in vanilla_nodes]
     assert added, "Self-Extend on produced the vanilla graph"
     refused = [(op, name) for op, name, _, ok in added if not ok]
     on_cpu = [(op, name, buffers) for op, name, buffers, _ in extended["nodes"]
@@ -159,7 +153,7 @@ def test_self_extend_nodes_run_on_the_device(vulkan_bin_dir, tiny_f32_gguf, tiny
 def test_parity_suite_on_the_device(vulkan_bin_dir, tmp_path):
     """The parity tests again, every layer on the llvmpipe device, at their CPU tolerances."""
     junit = tmp_path / "parity.xml"
-    env = dict(device_env(vulkan_bin_dir), SELFEXTEND_TEST_N_GPU_LAYERS="-1")
+    env = dict(library_env(vulkan_bin_dir), SELFEXTEND_TEST_N_GPU_LAYERS="-1")  # GGML_VK_VISIBLE_DEVICES: set by vulkan_bin_dir
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                            *PARITY_FILES, "-k", PARITY_DESELECT], cwd=ROOT, env=env, capture_output=True, text=True)
     summary = ElementTree.parse(junit).getroot()
