@@ -46,6 +46,11 @@ def tensor_buffer(tensor):
     return ctypes.c_void_p.from_address(tensor + ctypes.sizeof(ctypes.c_void_p)).value
 
 
+def tensor_shape(tensor):
+    """ggml_tensor's ne[4], which follows the buffer pointer."""
+    return tuple((ctypes.c_int64 * 4).from_address(tensor + 2 * ctypes.sizeof(ctypes.c_void_p)))
+
+
 def layer_device():
     """The device that runs the layers of a model loaded with every layer offloaded: the first GPU
     (ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)), else the CPU. libggml holds the registry."""
@@ -57,9 +62,10 @@ def layer_device():
 
 
 def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False, widths=None,
-              n_gpu_layers=0, nodes=None):
+              n_gpu_layers=0, nodes=None, shapes=None):
     """The ggml operation names of every node computed while evaluating n_tokens tokens.
-    widths, a dict, gets the first dimensions of the nodes named "<name>-<layer>", by name.
+    widths, a dict, gets the first dimensions of the nodes named "<name>-<layer>", by name;
+    shapes, a dict, the shape (ne) of each node named "<name>-0" (layer 0) as computed, by name, in order.
     nodes, a dict, gets for each (operation, name without the layer) the buffer types its results were
     computed into (which device ran it: "CPU", "Vulkan0", ...) and whether layer_device()'s
     ggml_backend_dev_supports_op accepts the node ("supported")."""
@@ -74,6 +80,8 @@ def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16
         name = re.match(r"(.*?)(-\d+)?$", ggml.ggml_get_name(tensor).decode())  # "<name>-<layer>"
         if widths is not None and name[2]:
             widths.setdefault(name[1], set()).add(ggml.ggml_nelements(tensor) // ggml.ggml_nrows(tensor))
+        if shapes is not None and name[2] == "-0":
+            shapes.setdefault(name[1], []).append(tensor_shape(tensor))
         if nodes is not None:
             node = nodes.setdefault((op, name[1]), {"buffers": set(), "supported": True})
             buffer = tensor_buffer(tensor)
@@ -111,6 +119,19 @@ def test_self_extend_adds_only_supported_ops(tiny_f32_gguf, type_k):
     assert added <= SELF_EXTEND_OPS, f"ops outside the documented list: {sorted(added - SELF_EXTEND_OPS)}"
     assert "CONCAT" in added  # the blocks of scores
     assert extended <= vanilla | SELF_EXTEND_OPS
+
+
+def test_without_flash_attention_several_tokens_attend_in_chunks_of_heads(tiny_f32_gguf):
+    """Prefill ubatches without flash attention attend in chunks of whole KV-head groups (the tiny model's
+    4 heads share 2 KV heads: 2 chunks of 2 heads), so that one chunk's score blocks and their join are
+    alive at a time; a single-token step attends all heads at once."""
+    shapes = {}
+    graph_ops(tiny_f32_gguf, 4, 16, 192, shapes=shapes)
+    softmax = shapes["kq_soft_max_self_extend"]  # [n_cells, n_tokens, n_heads, n_stream] per computation
+    prefill = [s for s in softmax if s[1] > 1]
+    decode = [s for s in softmax if s[1] == 1]
+    assert len(prefill) == 2 * (192 // 64) and {s[2] for s in prefill} == {2}
+    assert len(decode) == 8 and {s[2] for s in decode} == {4}
 
 
 def test_self_extend_with_flash_attention_uses_one_flash_attention_per_block_on_the_cpu(tiny_f32_gguf):
