@@ -22,6 +22,8 @@ SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT
 SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT", "OUT_PROD"}
 # on devices with it (the CPU, patch 0007): one flash attention per block of cells, each continuing the last
 SELF_EXTEND_FLASH_LSE_OPS = SELF_EXTEND_OPS | {"FLASH_ATTN_EXT_LSE"}
+# without flash attention, on devices with it (the CPU, patch 0014): the blocks of scores written side by side
+SELF_EXTEND_MUL_MAT_CONCAT_OPS = SELF_EXTEND_OPS | {"MUL_MAT_CONCAT"}
 
 
 def ggml_base():
@@ -116,9 +118,22 @@ def test_self_extend_adds_only_supported_ops(tiny_f32_gguf, type_k):
     extended = graph_ops(tiny_f32_gguf, 4, 16, 192, type_k)
     added = extended - vanilla
     assert added, "Self-Extend on produced the vanilla graph"
-    assert added <= SELF_EXTEND_OPS, f"ops outside the documented list: {sorted(added - SELF_EXTEND_OPS)}"
-    assert "CONCAT" in added  # the blocks of scores
-    assert extended <= vanilla | SELF_EXTEND_OPS
+    assert added <= SELF_EXTEND_MUL_MAT_CONCAT_OPS, \
+        f"ops outside the documented list: {sorted(added - SELF_EXTEND_MUL_MAT_CONCAT_OPS)}"
+    assert "MUL_MAT_CONCAT" in added  # the blocks of scores, in place (the CPU has it)
+
+
+def no_flash_graph(path) -> list:
+    """The operations of a graph without flash attention, with Self-Extend (JSON for run_with_library)."""
+    return sorted(graph_ops(path, 4, 16, 192))
+
+
+def test_devices_without_mul_mat_concat_join_the_blocks_with_concat(tiny_f32_gguf):
+    """A build that takes the paths of devices without ggml_mul_mat_concat (CUDA, Metal, Vulkan) joins
+    the blocks of scores with CONCAT, which every backend has, and adds nothing else undocumented."""
+    ops = set(run_with_library(fallbacks_lib_dir("ON"), "test_backend_ops", "no_flash_graph", str(tiny_f32_gguf)))
+    assert "CONCAT" in ops and "MUL_MAT_CONCAT" not in ops
+    assert ops <= graph_ops(tiny_f32_gguf, 1, None, 192) | SELF_EXTEND_OPS
 
 
 def test_without_flash_attention_several_tokens_attend_in_chunks_of_heads(tiny_f32_gguf):
@@ -184,7 +199,10 @@ def test_without_flash_lse_the_blocks_share_one_flash_attention_of_the_doubled_h
     padded to the doubled size."""
     ops = set(flash_graphs[paths]["ops"])
     assert "FLASH_ATTN_EXT" in ops and "FLASH_ATTN_EXT_LSE" not in ops and "PAD" in ops
-    assert ops <= set(graph_ops(tiny_f32_gguf, 1, None, 192, flash_attn=True)) | SELF_EXTEND_FLASH_OPS
+    # decode steps take the non-flash blocks, their scores in place where the device has it (the CPU)
+    in_place = {"MUL_MAT_CONCAT"} if paths == "no_flash_lse" else set()
+    assert in_place <= ops
+    assert ops <= set(graph_ops(tiny_f32_gguf, 1, None, 192, flash_attn=True)) | SELF_EXTEND_FLASH_OPS | in_place
     llm = Llama(str(tiny_f32_gguf), n_ctx=64, verbose=False)
     n_embd_head = llama_cpp.llama_model_n_embd(llm.model) // llama_cpp.llama_model_n_head(llm.model)
     llm.close()
