@@ -9,8 +9,12 @@ each prefill batch (n_batch = n_ubatch = 512) runs on Self-Extend, then on off; 
 (--flash-attn on or off) and are timed by selfextend_gguf.evaluate.timing's runners. Prints the
 tokens/s of both and their ratio, and, for decode, the median of the per-step ratios.
 
+--baseline other-path pairs Self-Extend on --flash-attn's path against Self-Extend on the other path
+instead of plain llama.cpp: which attention path is faster for Self-Extend (the defaults' question).
+
     python scripts/bench_paired.py --prefill 32768 --decode-at 28672 --group-size 8 --json out.json
     python scripts/bench_paired.py --prefill 16384 --decode-at 12288 --flash-attn off --repeats 3
+    python scripts/bench_paired.py --prefill 12288 --decode-at 12032 --flash-attn on --baseline other-path
 
 Memory is not measured here (bench_speed.py reads it from each process's llama.cpp log).
 """
@@ -23,39 +27,48 @@ import time
 
 
 def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads: int, group_size: int,
-            window: int, flash_attn: bool) -> dict:
+            window: int, flash_attn: bool, baseline: str = "off") -> dict:
+    """Tokens/s of Self-Extend and of the baseline, keyed "self-extend" and BASELINES[baseline]."""
     import numpy as np
     from selfextend_gguf.evaluate import methods
 
-    def runner(method):
+    def runner(method, flash_attn):
         return methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads, flash_attn=flash_attn,
                             n_batch=512, verbose=False)
 
-    extended, off = runner(f"exact-g{group_size}-w{window}"), runner("vanilla")
-    tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
+    exact = f"exact-g{group_size}-w{window}"
+    extended = runner(exact, flash_attn)
+    off = runner("vanilla", flash_attn) if baseline == "off" else runner(exact, not flash_attn)
+    name = BASELINES[baseline]
+    n_vocab = extended.llm.n_vocab()   # SmolLM2: 49,152; ids from 100 to 40,000
+    tokens = np.random.default_rng(0).integers(min(100, n_vocab // 2), min(40000, n_vocab), size=n_prefill).tolist()
 
     def timed(run, tokens):
         began = time.perf_counter()
         run.decode(tokens, len(tokens) - 1)
         return time.perf_counter() - began
 
-    prefill = {"self-extend": 0.0, "off": 0.0}
+    prefill = {"self-extend": 0.0, name: 0.0}
     for start in range(0, n_prefill, 512):
         batch = tokens[start:start + 512]
         prefill["self-extend"] += timed(extended, batch)
-        prefill["off"] += timed(off, batch)
+        prefill[name] += timed(off, batch)
 
-    steps = {"self-extend": [], "off": []}
+    steps = {"self-extend": [], name: []}
     for run in (extended, off):
         run.forget_after(n_decode_at)  # cells after it are removed, as bench_speed.py does
     token = tokens[n_decode_at]
     for _ in range(n_decode):
         steps["self-extend"].append(timed(extended, [token]))
-        steps["off"].append(timed(off, [token]))
+        steps[name].append(timed(off, [token]))
 
     return dict(prefill_tps={k: n_prefill / s for k, s in prefill.items()},
                 decode_tps={k: n_decode / sum(s) for k, s in steps.items()},
-                decode_step_ratio=statistics.median(o / e for e, o in zip(steps["self-extend"], steps["off"])))
+                decode_step_ratio=statistics.median(o / e for e, o in zip(steps["self-extend"], steps[name])))
+
+
+# --baseline -> what the other context is
+BASELINES = {"off": "off", "other-path": "self-extend on the other path"}
 
 
 def main() -> None:
@@ -68,18 +81,24 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4, help="Self-Extend G")
     parser.add_argument("--window", type=int, default=1024, help="Self-Extend W")
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
+    parser.add_argument("--baseline", choices=sorted(BASELINES), default="off",
+                        help="off: plain llama.cpp on the same path; other-path: Self-Extend on the other path")
     parser.add_argument("--repeats", type=int, default=1, help="runs; the ratios reported are their medians")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if not 0 <= args.decode_at < args.prefill:
+        parser.error(f"--decode-at {args.decode_at} must be below --prefill {args.prefill}: decode steps start "
+                     "from a context rewound to it")
     if args.model is None:
         from selfextend_gguf.models import default_model_path
         args.model = str(default_model_path())
 
     runs = [measure(args.model, args.prefill, args.decode_at, args.decode, args.threads, args.group_size,
-                    args.window, args.flash_attn == "on") for _ in range(args.repeats)]
+                    args.window, args.flash_attn == "on", args.baseline) for _ in range(args.repeats)]
+    name = BASELINES[args.baseline]
 
     def ratio(run, key):
-        return run[key]["self-extend"] / run[key]["off"]
+        return run[key]["self-extend"] / run[key][name]
 
     summary = dict(prefill_ratio=statistics.median(ratio(r, "prefill_tps") for r in runs),
                    decode_ratio=statistics.median(ratio(r, "decode_tps") for r in runs),
@@ -87,9 +106,9 @@ def main() -> None:
     print(f"prefill {args.prefill}, decode at {args.decode_at}, G={args.group_size} W={args.window}, "
           f"flash attention {args.flash_attn}, {args.threads} threads, median of {args.repeats}")
     for i, r in enumerate(runs):
-        print(f"  run {i + 1}: prefill {r['prefill_tps']['self-extend']:.1f} vs {r['prefill_tps']['off']:.1f} tok/s, "
-              f"decode {r['decode_tps']['self-extend']:.2f} vs {r['decode_tps']['off']:.2f} tok/s")
-    print(f"Self-Extend vs off: prefill {summary['prefill_ratio']:.3f}x, decode {summary['decode_ratio']:.3f}x "
+        print(f"  run {i + 1}: prefill {r['prefill_tps']['self-extend']:.1f} vs {r['prefill_tps'][name]:.1f} tok/s, "
+              f"decode {r['decode_tps']['self-extend']:.2f} vs {r['decode_tps'][name]:.2f} tok/s")
+    print(f"Self-Extend vs {name}: prefill {summary['prefill_ratio']:.3f}x, decode {summary['decode_ratio']:.3f}x "
           f"(median step {summary['decode_step_ratio']:.3f}x)")
     if args.json:
         with open(args.json, "w") as f:
