@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import names, prompts, timing
+from . import compare, names, prompts, timing
 
 TASKS = ("passkey", "needle", "perplexity", "throughput")
 ANSWER_TOKENS = 10
@@ -345,8 +345,13 @@ def markdown(run: dict) -> str:
     results = run["results"]
     errors = sorted({f"- {r['method']} at {r['length']} tokens: {r['error']}" for r in results.values()
                      if "error" in r})
-    parts = [retrieval_tables(results, "passkey", run.get("n_ctx_train")),
-             retrieval_tables(results, "needle", run.get("n_ctx_train")),
+    n_ctx_train = run.get("n_ctx_train")
+    lengths = sorted({r["length"] for r in results.values() if r["task"] in ("passkey", "needle")})
+    baselines = [m for m in ("exact-auto", "chunked", "yarn") if any(r["method"] == m for r in results.values())]
+    parts = [retrieval_tables(results, "passkey", n_ctx_train),
+             *(compare.against_table(results, baselines, n, task) for task in ("passkey", "needle") for n in lengths),
+             *(compare.sensitivity_table(results, n, n_ctx_train) for n in lengths if n_ctx_train),
+             retrieval_tables(results, "needle", n_ctx_train),
              perplexity_table(results), throughput_table(results),
              "### cells that could not run\n\n" + "\n".join(errors) + "\n" if errors else ""]
     return "\n".join(p for p in parts if p)

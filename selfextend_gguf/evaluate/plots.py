@@ -1,10 +1,12 @@
-"""PNG plots of a run: accuracy heatmaps (depth x length, one panel per method), perplexity
-against length, throughput against filled context. matplotlib, headless (Agg)."""
+"""PNG plots of a run: accuracy heatmaps (depth x length, one panel per method), accuracy
+against G and W, perplexity against length, throughput against filled context. matplotlib,
+headless (Agg)."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
+from . import compare
 from .harness import _grouped, _k
 
 
@@ -42,6 +44,48 @@ def retrieval_heatmaps(results, task, path: Path) -> Path | None:
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
     fig.suptitle(f"{task} retrieval")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def gw_curves(results, n_ctx_train, path: Path, task="passkey") -> Path | None:
+    """Accuracy against G (at the automatic W) and against W (at the automatic G), on the cells
+    every setting measured, one panel each, per length with a G/W sweep; the automatic setting
+    is marked."""
+    sweeps = {}
+    for n in sorted({r["length"] for r in results.values() if r["task"] == task}):
+        s = compare.sensitivity(results, n, n_ctx_train, task)
+        if len(s["settings"]) >= 2 and s["cells"] and s["auto"] in s["settings"]:
+            sweeps[n] = s
+    if not sweeps:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (n, s) in enumerate(sweeps.items()):
+        auto_g, auto_w = s["auto"]
+        accuracy = {gw: sum(h.values()) / len(h) for gw, h in s["settings"].items()}
+        for ax, index, fixed, label in ((axes[0], 0, auto_w, "group size G"), (axes[1], 1, auto_g, "neighbor window W")):
+            other = 1 - index
+            points = sorted((gw[index], a) for gw, a in accuracy.items() if gw[other] == fixed)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}",
+                    label=f"{_k(n)}, {'W' if index == 0 else 'G'}={fixed} ({len(s['cells'])} cells)")
+            ax.plot([s["auto"][index]], [accuracy[s["auto"]]], marker="*", markersize=14, color=f"C{i}",
+                    linestyle="none")
+            for gw in s["errors"]:
+                if gw[other] == fixed:
+                    ax.axvline(gw[index], color=f"C{i}", linestyle=":", alpha=0.6)
+            ax.set_xlabel(label + (" (log scale)" if index == 1 else ""))
+            if index == 1:
+                ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{task} exact-match accuracy")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("exact Self-Extend: accuracy against G and W (star: the automatic setting; "
+                 "dotted: cannot reach the length)", fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -105,6 +149,7 @@ def write_all(run: dict, folder: Path, prefix: str = "results") -> list:
     results = run["results"]
     made = [retrieval_heatmaps(results, "passkey", folder / f"{prefix}_passkey.png"),
             retrieval_heatmaps(results, "needle", folder / f"{prefix}_needle.png"),
+            gw_curves(results, run.get("n_ctx_train"), folder / f"{prefix}_gw.png") if run.get("n_ctx_train") else None,
             perplexity_curves(results, folder / f"{prefix}_perplexity.png"),
             throughput_curves(results, folder / f"{prefix}_throughput.png")]
     return [p for p in made if p is not None]
