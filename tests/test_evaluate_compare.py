@@ -117,3 +117,13 @@ def test_report_and_plot_carry_the_sweep(tmp_path):
     assert "### G/W sensitivity, passkey at 16384 tokens" in harness.markdown(run)
     written = plots.write_all(run, tmp_path, prefix="r")
     assert tmp_path / "r_gw.png" in written and (tmp_path / "r_gw.png").stat().st_size > 10_000
+
+
+def test_report_of_a_sweep_without_exact_auto_chunked_or_yarn(tmp_path):
+    # the G/W sweep's own file holds only fixed settings: its report has no "against" table
+    results = results_of(*(cell(m, d, 0, d < 0.5) for m in ("exact-g3-w1024", "exact-g6-w1024")
+                           for d in (0.0, 0.4, 0.8)))
+    assert compare.against_table(results, [], LENGTH) == ""
+    run = {"version": harness.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
+    report = harness.markdown(run)
+    assert "against the others" not in report and "exact-g3-w1024" in report
