@@ -119,7 +119,7 @@ def test_report_and_plot_carry_the_sweep(tmp_path):
     assert tmp_path / "r_gw.png" in written and (tmp_path / "r_gw.png").stat().st_size > 10_000
 
 
-def test_report_of_a_sweep_without_exact_auto_chunked_or_yarn(tmp_path):
+def test_report_of_a_sweep_without_exact_auto_chunked_or_yarn():
     # the G/W sweep's own file holds only fixed settings: its report has no "against" table
     results = results_of(*(cell(m, d, 0, d < 0.5) for m in ("exact-g3-w1024", "exact-g6-w1024")
                            for d in (0.0, 0.4, 0.8)))
