@@ -310,3 +310,25 @@ def test_command_line_runs_resumes_and_reports(tiny_f32_gguf, haystack_file, tmp
     assert json.loads(out.read_text())["results"] == first["results"]
     assert "| vanilla |" in out.with_suffix(".md").read_text()
     assert cli.parse_length("2x", 8192) == 16384 and cli.parse_length("16k", 8192) == 16384
+
+
+def test_command_line_names_a_missing_or_corrupt_results_file(tmp_path, capsys):
+    from selfextend_gguf.evaluate import command as cli
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"version": harness.FORMAT_VERSION, "runs": [], "results": {}}))
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"version": 1, "results": {')   # a sweep's file cut short
+    cases = {  # argv -> what the error must name
+        ("--report-only", "--out", str(tmp_path / "typo.json")): "typo.json",
+        ("--report-only", "--out", str(good), "--merge", str(tmp_path / "nope.json")): "nope.json",
+        ("--report-only", "--out", str(good), "--merge", str(corrupt)): "corrupt.json is not a results JSON",
+        ("--out", str(corrupt), "--tasks", "passkey"): "corrupt.json is not a results JSON",
+    }
+    for argv, named in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(list(argv) + ["--markdown", str(tmp_path / "report.md"), "--plots", str(tmp_path)])
+        assert stopped.value.code == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()   # nothing was written from a wrong input
+    assert cli.main(["--report-only", "--out", str(good), "--markdown", str(tmp_path / "report.md"),
+                     "--plots", str(tmp_path)]) == 0

@@ -58,9 +58,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    # the report reads files an earlier sweep wrote: a mistyped name is an error, not an empty table
+    missing = [p for p in args.merge + ([args.out] if args.report_only else []) if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no results file {', '.join(missing)}: --merge and --report-only --out read the JSON "
+                     "files of earlier sweeps; check the path")
+
     from . import harness, plots
 
     out = Path(args.out)
+    for path in [out, *map(Path, args.merge)]:   # a corrupt file stops the run before it measures anything
+        try:
+            harness.load_run(path)
+        except ValueError as error:
+            parser.error(str(error))
     if not args.report_only:
         from ..gguf_info import read_model_info
         if args.model:
@@ -94,7 +105,8 @@ def main(argv=None) -> int:
     except ImportError:
         written = []
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
-    print(f"{len(run['results'])} cells in {out}; table: {md_path}; plots: {', '.join(map(str, written)) or 'none'}")
+    merged = f" and {len(args.merge)} merged file(s)" if args.merge else ""
+    print(f"{len(run['results'])} cells in {out}{merged}; table: {md_path}; plots: {', '.join(map(str, written)) or 'none'}")
     return 0
 
 

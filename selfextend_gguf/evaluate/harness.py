@@ -86,9 +86,14 @@ def machine_description() -> str:
 
 def load_run(path: Path) -> dict:
     if path.exists():
-        run = json.loads(path.read_text())
-        if run.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {run.get('version')}, expected {FORMAT_VERSION}")
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a results JSON file ({error}); restore it from git or remove it "
+                             "to measure again") from None
+        if not isinstance(run, dict) or run.get("version") != FORMAT_VERSION:
+            found = run.get("version") if isinstance(run, dict) else None
+            raise ValueError(f"{path} has format version {found}, expected {FORMAT_VERSION}")
         return run
     return {"version": FORMAT_VERSION, "runs": [], "results": {}}
 
