@@ -2,7 +2,8 @@
 joining them: on the CPU it must give exactly the bytes of its products joined by ggml_concat, for every
 type a KV cache's K takes, for queries that are views (the heads of a chunk, permuted) and for K heads
 shared by several query heads, with one thread and with several (they share the work buffer and the
-chunk counter of each product)."""
+chunk counter of each product). Self-Extend asks for F32 accumulation of its scores on both paths
+(ggml_prec_set_acc), which ggml_mul_mat_concat takes for every product."""
 import ctypes
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from selfextend_gguf._native import lib_dir
 
 GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0 = 0, 1, 8
+GGML_PREC_F32 = 10
 TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "q8_0": GGML_TYPE_Q8_0}
 
 
@@ -32,6 +34,7 @@ def ggml():
         "ggml_new_graph": (p, [p]), "ggml_build_forward_expand": (None, [p, p]),
         "ggml_get_data": (p, [p]), "ggml_nbytes": (ctypes.c_size_t, [p]),
         "ggml_quantize_chunk": (ctypes.c_size_t, [ctypes.c_int, p, p, i64, i64, i64, p]),
+        "ggml_prec_set_acc": (ctypes.c_bool, [p, ctypes.c_int]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(base, name)
@@ -80,12 +83,19 @@ def scores(type_k: int, n_threads: int):
             keys.append(k)
         pairs = list(zip(keys, (queries[1], queries[0], queries[1])))
 
-        joined = lib.ggml_mul_mat(ctx, *pairs[0])
+        # both with F32 accumulation, as build_attn_mha_self_extend asks for
+        def product(k, q):
+            kq = lib.ggml_mul_mat(ctx, k, q)
+            assert lib.ggml_prec_set_acc(kq, GGML_PREC_F32)
+            return kq
+
+        joined = product(*pairs[0])
         for k, q in pairs[1:]:
-            joined = lib.ggml_concat(ctx, joined, lib.ggml_mul_mat(ctx, k, q), 0)
+            joined = lib.ggml_concat(ctx, joined, product(k, q), 0)
         as_ = (ctypes.c_void_p * 3)(*(k for k, _ in pairs))
         bs_ = (ctypes.c_void_p * 3)(*(q for _, q in pairs))
         in_place = lib.ggml_mul_mat_concat(ctx, as_, bs_, 3)
+        assert lib.ggml_prec_set_acc(in_place, GGML_PREC_F32), "ggml_mul_mat_concat takes no accumulator precision"
 
         graph = lib.ggml_new_graph(ctx)
         lib.ggml_build_forward_expand(graph, joined)
