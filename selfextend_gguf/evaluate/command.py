@@ -67,11 +67,11 @@ def main(argv=None) -> int:
     from . import harness, plots
 
     out = Path(args.out)
-    for path in [out, *map(Path, args.merge)]:   # a corrupt file stops the run before it measures anything
-        try:
-            harness.load_run(path)
-        except ValueError as error:
-            parser.error(str(error))
+    try:   # a corrupt file stops the run before it measures anything
+        earlier = harness.load_run(out)
+        merged_runs = [harness.load_run(Path(p)) for p in args.merge]
+    except ValueError as error:
+        parser.error(str(error))
     if not args.report_only:
         from ..gguf_info import read_model_info
         if args.model:
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
         run = harness.sweep(cells, out, model, n_threads=args.threads, haystack=args.haystack,
                             ppl_last=args.ppl_last, command=command, show_progress=not args.no_progress)
     else:
-        run = harness.load_run(out)
-    run = harness.merge([run] + [harness.load_run(Path(p)) for p in args.merge])
+        run = earlier
+    run = harness.merge([run] + merged_runs)
 
     md_path = Path(args.markdown) if args.markdown else out.with_suffix(".md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
