@@ -30,18 +30,25 @@ class Llama(llama_cpp.Llama):
             the model's trained context by the paper's rule (W + (n_ctx - W)/G <= 2/3 of it).
         grp_attn_w: neighbor window W: keys closer than W to the query keep their normal positions.
             Defaults to min(1024, trained context / 8).
+        grp_attn_rewind: exact rewinds: the most recently grouped tokens whose normal-position keys are
+            kept, so that reusing a prefix after up to this many newer tokens (prefix reuse, a regenerated
+            answer, a new question on a cached document) gives bit for bit what a fresh context gives.
+            Costs that many rows of K. -1 (the default): an eighth of n_ctx; 0: none.
         flash_attn: True by default here (llama_cpp.Llama: False), as in llama.cpp's own programs: it is
             the fastest path, with Self-Extend and without (see scripts/bench_speed.py).
         Every other argument is llama_cpp.Llama's.
     """
 
     def __init__(self, model_path: str, *args, grp_attn_n: int | str = 1, grp_attn_w: int | None = None,
-                 **kwargs):
+                 grp_attn_rewind: int = -1, **kwargs):
         info = read_model_info(model_path)
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
         settings.check_architecture(info, grp_attn_n)
         setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window)
         settings.check_model(setting, info)
+        if not isinstance(grp_attn_rewind, int) or grp_attn_rewind < -1:
+            raise ValueError(f"grp_attn_rewind={grp_attn_rewind!r}: pass a number of tokens, -1 for the default "
+                             "(an eighth of n_ctx) or 0 for none")
         self._lib = require_self_extend_symbols()
         self.model_info = info
         self.self_extend = settings.SelfExtend()
@@ -54,6 +61,7 @@ class Llama(llama_cpp.Llama):
         # context rounded up to a multiple of 256
         self._n_ctx = min(n_ctx, self.n_ctx())
 
+        self._lib.llama_set_self_extend_exact_rewind(self._ctx.ctx, grp_attn_rewind)
         if setting.enabled:
             self.set_self_extend(setting.group_size, setting.neighbor_window)
             how = "chose" if grp_attn_n == "auto" else "uses"
@@ -102,6 +110,11 @@ class Llama(llama_cpp.Llama):
     @property
     def grp_attn_w(self) -> int:
         return int(self._lib.llama_get_self_extend_neighbor_window(self._ctx.ctx))
+
+    @property
+    def grp_attn_rewind(self) -> int:
+        """How many of the most recently grouped tokens a rewind restores exactly (0 while Self-Extend is off)."""
+        return int(self._lib.llama_get_self_extend_exact_rewind(self._ctx.ctx)) if self.grp_attn_n > 1 else 0
 
     def n_ctx_train(self) -> int:
         return self.model_info.n_ctx_train
