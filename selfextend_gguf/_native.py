@@ -37,7 +37,7 @@ ENV_LIB_PATH = "SELFEXTEND_GGUF_LIB_PATH"
 #   int32_t llama_get_self_extend_n_ctx_max(const struct llama_context * ctx);  the reach
 # and patches/0016-self-extend-exact-rewind.patch:
 #   int32_t llama_set_self_extend_exact_rewind(struct llama_context * ctx, int32_t n_tokens);
-#       0: ok, -1: n_tokens < -1 (-1: the default, an eighth of a sequence's context; 0: none)
+#       0: ok, -1: n_tokens < -1 (-1: the default, an eighth of a sequence's context, at least 512 tokens; 0: none)
 #   int32_t llama_get_self_extend_exact_rewind(const struct llama_context * ctx);  tokens per sequence
 _SIGNATURES = {
     "llama_set_self_extend": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),

@@ -33,7 +33,7 @@ class Llama(llama_cpp.Llama):
         grp_attn_rewind: exact rewinds: the most recently grouped tokens whose normal-position keys are
             kept, so that reusing a prefix after up to this many newer tokens (prefix reuse, a regenerated
             answer, a new question on a cached document) gives bit for bit what a fresh context gives.
-            Costs that many rows of K. -1 (the default): an eighth of n_ctx; 0: none.
+            Costs that many rows of K. -1 (the default): an eighth of n_ctx, at least 512 tokens; 0: none.
         flash_attn: True by default here (llama_cpp.Llama: False), as in llama.cpp's own programs: it is
             the fastest path, with Self-Extend and without (see scripts/bench_speed.py).
         Every other argument is llama_cpp.Llama's.
@@ -48,7 +48,7 @@ class Llama(llama_cpp.Llama):
         settings.check_model(setting, info)
         if not isinstance(grp_attn_rewind, int) or grp_attn_rewind < -1:
             raise ValueError(f"grp_attn_rewind={grp_attn_rewind!r}: pass a number of tokens, -1 for the default "
-                             "(an eighth of n_ctx) or 0 for none")
+                             "(an eighth of n_ctx, at least 512) or 0 for none")
         self._lib = require_self_extend_symbols()
         self.model_info = info
         self.self_extend = settings.SelfExtend()

@@ -6,7 +6,7 @@ normal K of the most recently grouped cells is kept (Llama(grp_attn_rewind=N), l
 
 Schedule of every case: a 100-token prompt in ubatches of 64, 60 single-token steps (the window of
 16 slides over 44 cells, each grouped in its turn), a rewind of 30 tokens (inside the default bound,
-an eighth of the 256-cell context = 32), then 40 new tokens in one ubatch. The logits of those 40
+an eighth of the context but at least 512 tokens: all 256 cells here), then 40 new tokens in one ubatch. The logits of those 40
 must equal (==) a fresh context's; with the copies turned off (grp_attn_rewind=0) they differ, so the
 comparison can fail. Beyond the bound the re-entering cells are rotated back: that stays within the
 parity tolerance of the float64 reference (F32 cache)."""
@@ -69,9 +69,11 @@ def test_rewind_is_bit_identical_to_a_fresh_context(tiny_hd64_gguf, type_k, type
     assert not np.array_equal(rewound_logits(tiny_hd64_gguf, type_k, type_v, flash_attn, rewind=0), fresh)
 
 
-def test_default_bound_is_an_eighth_of_the_context(tiny_hd64_gguf):
+def test_default_bound_is_an_eighth_of_the_context_at_least_512(tiny_hd64_gguf):
     llm = tiny_llama(tiny_hd64_gguf, N_CTX, G, W, type_k=F16, type_v=F16)
-    assert llm.grp_attn_rewind == llm.n_ctx() // 8 == 32
+    assert llm.grp_attn_rewind == llm.n_ctx() == 256  # a context shorter than 512: all of it
+    long = tiny_llama(tiny_hd64_gguf, 8192, 200, W, type_k=F16, type_v=F16)
+    assert long.grp_attn_rewind == 8192 // 8
     assert tiny_llama(tiny_hd64_gguf, N_CTX, G, W, grp_attn_rewind=7).grp_attn_rewind == 7
     assert tiny_llama(tiny_hd64_gguf, N_CTX, 1, None).grp_attn_rewind == 0  # Self-Extend off: nothing kept
     with pytest.raises(ValueError, match="grp_attn_rewind"):

@@ -48,3 +48,31 @@ def test_no_ubatch_grows_the_compute_buffers(tiny_hd64_gguf, flash_attn, type_k)
     assert done.returncode == 0 and "done" in done.stdout, done.stderr[-3000:]
     assert "does not match expectation" not in done.stderr, \
         [line for line in done.stderr.splitlines() if "does not match" in line]
+
+
+# the reported case: SmolLM2 with every position's logits (so the 96 MiB logits dominate the buffer and
+# the allocator's layout decides), a completion of 80 tokens, then a prompt that shares its prefix
+SMOLLM2_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from selfextend_gguf import Llama
+llm = Llama(sys.argv[2], n_ctx=2048, grp_attn_n=4, grp_attn_w=64, logits_all=True, flash_attn=sys.argv[3] == "1",
+            n_threads=2, verbose=True, seed=0)
+doc = " ".join(f"line {i} of the story goes on." for i in range(100))
+llm.create_completion(doc + " Question one:", max_tokens=80, temperature=0)
+llm.create_completion(doc + " Question two, with more words:" + " and more" * 100, max_tokens=8, temperature=0)
+llm.close()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no_flash", "flash"])
+def test_reused_prompt_does_not_grow_the_compute_buffers(smollm2_path, flash_attn):
+    """The first prompt (all its cells still in the window: no grouped block, no moves) is reserved as a
+    shape of its own; before, it grew the buffer from 98.25 to 99.38 MiB on both attention paths."""
+    done = subprocess.run([sys.executable, "-c", SMOLLM2_CHILD, str(ROOT), str(smollm2_path), str(int(flash_attn))],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-3000:]
+    assert "matches expectation" in done.stderr  # the check ran
+    assert "does not match expectation" not in done.stderr, \
+        [line for line in done.stderr.splitlines() if "does not match" in line]
