@@ -5,6 +5,8 @@ forward even with Self-Extend off. That difference, measured here with Self-Exte
 noise floor: with Self-Extend on, the mean KL divergence may be at most twice the floor and the
 top-1 agreement at most 1 point below it.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,8 @@ def smollm2_tokens(smollm2_path):
 
 def llama_cpp_logits(path, tokens, group_size, window):
     llm = Llama(str(path), n_ctx=N_TOKENS, n_batch=256, n_ubatch=256, logits_all=True, n_threads=2,
-                grp_attn_n=group_size, grp_attn_w=window, verbose=False)
+                grp_attn_n=group_size, grp_attn_w=window, verbose=False,
+                n_gpu_layers=int(os.environ.get("SELFEXTEND_TEST_N_GPU_LAYERS", "0")))
     llm.eval(tokens)
     return np.asarray(llm.scores[:len(tokens)], dtype=np.float64)
 

@@ -11,7 +11,9 @@ from .._native import load_llama_cpp
 
 llama_cpp = load_llama_cpp()
 
-TOLERANCE = 1e-3    # max |logit difference| for F32 weights and an F32 KV cache
+# max |logit difference| for F32 weights and an F32 KV cache on the CPU; a device whose own error with
+# Self-Extend off is larger runs the parity tests with a bar fitted to it (tests/test_vulkan.py sets it)
+TOLERANCE = float(os.environ.get("SELFEXTEND_TEST_TOLERANCE", "1e-3"))
 F32 = llama_cpp.GGML_TYPE_F32
 
 
