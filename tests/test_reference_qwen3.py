@@ -51,7 +51,7 @@ def test_tiny_qwen3_fixture(tmp_path, tiny_gguf_paths, tiny_qwen3_gguf, tiny_qwe
 def test_parity_would_notice_a_reference_without_qwen3s_pieces(tiny_qwen3_gguf, tiny_qwen3_reference):
     """llama.cpp's vanilla logits match the reference, and not the reference without the q/k norms or
     with normal (not NeoX) RoPE: the parity tests check these pieces, not only the shapes."""
-    from selfextend_gguf.testing.parity import TOLERANCE, random_tokens, reference_logits, tiny_llama
+    from selfextend_gguf.testing.parity import MATTERS, TOLERANCE, random_tokens, reference_logits, tiny_llama
 
     tokens = random_tokens(60, seed=8)
     llm = tiny_llama(tiny_qwen3_gguf, 64, 1, None, n_batch=64, n_ubatch=32)
@@ -65,4 +65,4 @@ def test_parity_would_notice_a_reference_without_qwen3s_pieces(tiny_qwen3_gguf, 
     normal_rope = ref.to(torch.float64)
     normal_rope.rope = dataclasses.replace(ref.rope, neox=False)
     for wrong in (no_norms, normal_rope):
-        assert np.abs(ours - reference_logits(wrong, tokens, 1, None)).max() > 100 * TOLERANCE
+        assert np.abs(ours - reference_logits(wrong, tokens, 1, None)).max() > MATTERS
