@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Debian packages of the Vulkan check (tests/vulkan_check.py): Mesa's software Vulkan device
+# The Debian packages of the Vulkan check (tests/test_vulkan.py): Mesa's software Vulkan device
 # (lavapipe) from bookworm-backports (Mesa 25: bookworm's Mesa 22.3 lavapipe crashes in ggml-vulkan,
 # docs/backends.md), and glslc, the Vulkan headers and SPIR-V headers from bookworm. Adds the
 # bookworm-backports suite to apt's existing Debian entry (the Suites: line that names bookworm) in

@@ -163,7 +163,7 @@ def test_self_extend_with_flash_attention_uses_one_flash_attention_per_block_on_
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no_flash", "flash"])
 def test_every_node_is_supported_by_the_device_that_runs_it(tiny_f32_gguf, flash_attn):
-    """The op audit on the live CPU device (tests/vulkan_check.py runs the same on Vulkan): its
+    """The op audit on the live CPU device (tests/test_vulkan.py runs the same on Vulkan): its
     supports_op accepts every node of the real Self-Extend graph (prefill ubatches and decode steps),
     and every node is computed into a CPU buffer."""
     nodes = {}

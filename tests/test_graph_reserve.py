@@ -1,7 +1,7 @@
 """The graph llama.cpp reserves its compute buffers for is the worst case that Self-Extend runs: no
 ubatch grows them later. A growth reallocates the buffers between two graphs; on a backend that runs
 asynchronously, the graph before may still be reading the freed ones (on Vulkan's lavapipe it
-corrupted the heap: tests/vulkan_check.py, docs/backends.md). llama.cpp reports a growth when the
+corrupted the heap: tests/test_vulkan.py, docs/backends.md). llama.cpp reports a growth when the
 context is freed: "compute buffer size of X MiB, does not match expectation of Y MiB".
 
 The flows below plan many moves of cells between the grouped and the neighbor rotation in one

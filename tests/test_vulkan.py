@@ -1,8 +1,8 @@
 """Self-Extend on a GPU backend without a GPU: ggml-vulkan on Mesa's software Vulkan device (lavapipe,
-the "llvmpipe" device, Mesa 25 from bookworm-backports), every layer offloaded. Not yet part of the
-default suite (issue 33): scripts/vulkan_check.sh installs what it needs (install_vulkan_packages.sh) and
+the "llvmpipe" device, Mesa 25 from bookworm-backports), every layer offloaded. Part of the suite
+(`.ci/run` and the README's test command install the packages with scripts/install_vulkan_packages.sh);
 
-    bash scripts/vulkan_check.sh          # the Vulkan check alone
+    bash scripts/vulkan_check.sh          # the Vulkan check alone (installs the packages, then this file)
 
 builds the patched llama.cpp once more with -DGGML_VULKAN=ON into build/vulkan (target llama); patch
 0011 lets ggml-vulkan build against Debian 12's Vulkan headers. ggml-vulkan skips CPU-type devices
@@ -141,7 +141,7 @@ def on_device(buffers) -> bool:
 
 
 def test_the_device_is_lavapipe(vulkan_bin_dir):
-    devices = run_with_library(vulkan_bin_dir, "vulkan_check", "vulkan_devices")
+    devices = run_with_library(vulkan_bin_dir, "test_vulkan", "vulkan_devices")
     assert any(name.startswith("Vulkan") and "llvmpipe" in description for name, description in devices), devices
 
 
@@ -149,7 +149,7 @@ def test_the_device_is_lavapipe(vulkan_bin_dir):
 def test_self_extend_nodes_run_on_the_device(vulkan_bin_dir, tiny_f32_gguf, tiny_reference, flash_attn):
     """The op audit on the live device: Self-Extend adds no node that the Vulkan device refuses or that
     runs on the CPU, and the path its probes took is the documented one."""
-    extended, vanilla = (run_with_library(vulkan_bin_dir, "vulkan_check", "offloaded_graph", str(tiny_f32_gguf),
+    extended, vanilla = (run_with_library(vulkan_bin_dir, "test_vulkan", "offloaded_graph", str(tiny_f32_gguf),
                                           g, w, flash_attn) for g, w in ((4, 16), (1, None)))
     vanilla_nodes = {(op, name) for op, name, _, _ in vanilla["nodes"]}
     vanilla_cpu = {(op, name) for op, name, buffers, _ in vanilla["nodes"] if not on_device(buffers)}
@@ -190,7 +190,7 @@ def device_tolerance(vulkan_bin_dir, request):
         path, ref = request.getfixturevalue(model), request.getfixturevalue(reference)
         expected = reference_logits(ref, random_tokens(n_tokens, seed=11), 1, None)
         for flash_attn in (False, True):
-            logits = np.asarray(run_with_library(vulkan_bin_dir, "vulkan_check", "device_vanilla_logits", str(path),
+            logits = np.asarray(run_with_library(vulkan_bin_dir, "test_vulkan", "device_vanilla_logits", str(path),
                                                  n_tokens, flash_attn))
             errors[f"{model}{' flash' if flash_attn else ''}"] = float(np.abs(logits - expected).max())
     tolerance = max(1e-3, 2 * max(errors.values()))
@@ -209,7 +209,9 @@ def test_parity_suite_on_the_device(vulkan_bin_dir, device_tolerance, tmp_path):
     summary = ElementTree.parse(junit).getroot()
     suite = summary if summary.tag == "testsuite" else summary.find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    print(f"parity on Vulkan (llvmpipe), bar {device_tolerance:.2e}: {counts}")
+    line = f"parity on Vulkan (llvmpipe), bar {device_tolerance:.2e}: {counts}"
+    print(line)
+    (ROOT / "build" / "vulkan-parity.txt").write_text(line + "\n")  # .ci/run prints it
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     assert counts["failures"] == counts["errors"] == counts["skipped"] == 0
     assert counts["tests"] >= 60, counts  # the suite ran, not a handful of it
@@ -220,8 +222,8 @@ def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):
     patches (only 0011, the header fix, which changes no computation)."""
     unpatched = build_llama_cpp(VULKAN_UNPATCHED_BUILD, ["-DGGML_VULKAN=ON", "-DSELFEXTEND_BUILD_TOOLS=OFF",
                                                          "-DSELFEXTEND_APPLY_PATCHES=OFF"], ["llama"])
-    patched_logits = np.asarray(run_with_library(vulkan_bin_dir, "vulkan_check", "vanilla_logits",
+    patched_logits = np.asarray(run_with_library(vulkan_bin_dir, "test_vulkan", "vanilla_logits",
                                                  str(tiny_f32_gguf), 160))
-    unpatched_logits = np.asarray(run_with_library(unpatched, "vulkan_check", "vanilla_logits",
+    unpatched_logits = np.asarray(run_with_library(unpatched, "test_vulkan", "vanilla_logits",
                                                    str(tiny_f32_gguf), 160))
     assert np.array_equal(patched_logits, unpatched_logits), np.abs(patched_logits - unpatched_logits).max()
