@@ -15,7 +15,7 @@ import pytest
 
 from selfextend_gguf.testing.parity import TOLERANCE, llama_cpp, random_tokens, reference_logits, tiny_llama
 
-F16, Q8_0, F32 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_F32
+F16, Q8_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
 G, W, N_CTX = 4, 16, 200
 PROMPT, STEPS, KEEP, NEW = 100, 60, 130, 40
 

@@ -7,12 +7,11 @@ cells used to be rotated back with one more rounding of their K.
 The upstream files are taken from the sdist unchanged; only their model preset is replaced by a
 conftest (SmolLM2 from its package instead of a download, Self-Extend on), and their `wget` import,
 a downloader these offline tests never call, is satisfied by an empty module."""
+import os
 import subprocess
 import sys
 import tarfile
 import textwrap
-
-import pytest
 
 from native_build import ROOT, local_sdist
 from selfextend_gguf._native import program_path
@@ -27,7 +26,6 @@ CONFTEST = textwrap.dedent("""
     import os, sys, types
     import pytest
     sys.modules.setdefault("wget", types.ModuleType("wget"))  # utils.py imports it to download models
-    import utils
     from utils import ServerPreset, ServerProcess, server_instances
 
     MODEL = os.environ["SELFEXTEND_UPSTREAM_MODEL"]
@@ -80,7 +78,7 @@ def test_upstream_server_tests_pass_with_self_extend(tmp_path, smollm2_path):
     folder = sdist_tests(tmp_path)
     (folder / "conftest.py").write_text(CONFTEST)
     (folder / "pytest.ini").write_text("[pytest]\n")
-    env = dict(__import__("os").environ, LLAMA_SERVER_BIN_PATH=str(program_path("llama-server")),
+    env = dict(os.environ, LLAMA_SERVER_BIN_PATH=str(program_path("llama-server")),
                SELFEXTEND_UPSTREAM_MODEL=str(smollm2_path), PORT="18391")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *UPSTREAM_TESTS],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=600)
