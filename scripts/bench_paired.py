@@ -15,6 +15,8 @@ instead of plain llama.cpp: which attention path is faster for Self-Extend (the 
     python scripts/bench_paired.py --prefill 32768 --decode-at 28672 --group-size 8 --json out.json
     python scripts/bench_paired.py --prefill 16384 --decode-at 12288 --flash-attn off --repeats 3
     python scripts/bench_paired.py --prefill 12288 --decode-at 12032 --flash-attn on --baseline other-path
+    SELFEXTEND_GGUF_LIB_PATH=build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 \
+        python scripts/bench_paired.py --prefill 4096 --decode-at 3072 --window 512 --n-gpu-layers -1
 
 Memory is not measured here (bench_speed.py reads it from each process's llama.cpp log).
 """
@@ -27,14 +29,14 @@ import time
 
 
 def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads: int, group_size: int,
-            window: int, flash_attn: bool, baseline: str = "off") -> dict:
+            window: int, flash_attn: bool, baseline: str = "off", n_gpu_layers: int = 0) -> dict:
     """Tokens/s of Self-Extend and of the baseline, keyed "self-extend" and BASELINES[baseline]."""
     import numpy as np
     from selfextend_gguf.evaluate import methods
 
     def runner(method, flash_attn):
         return methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads, flash_attn=flash_attn,
-                            n_batch=512, verbose=False)
+                            n_batch=512, verbose=False, n_gpu_layers=n_gpu_layers)
 
     exact = f"exact-g{group_size}-w{window}"
     extended = runner(exact, flash_attn)
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--baseline", choices=sorted(BASELINES), default="off",
                         help="off: plain llama.cpp on the same path; other-path: Self-Extend on the other path")
     parser.add_argument("--repeats", type=int, default=1, help="runs; the ratios reported are their medians")
+    parser.add_argument("--n-gpu-layers", type=int, default=0,
+                        help="layers on the GPU (-1: all), for a build with a GPU backend (SELFEXTEND_GGUF_LIB_PATH)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not 0 <= args.decode_at < args.prefill:
@@ -94,7 +98,8 @@ def main() -> None:
         args.model = str(default_model_path())
 
     runs = [measure(args.model, args.prefill, args.decode_at, args.decode, args.threads, args.group_size,
-                    args.window, args.flash_attn == "on", args.baseline) for _ in range(args.repeats)]
+                    args.window, args.flash_attn == "on", args.baseline, args.n_gpu_layers)
+            for _ in range(args.repeats)]
     name = BASELINES[args.baseline]
 
     def ratio(run, key):

@@ -10,13 +10,16 @@ time), sends one warm-up request, then --requests chat requests with distinct do
     python scripts/load_test.py --requests 16 --concurrency 1,4 --servers native-on,python
 
 The Python server is `python -m llama_cpp.server`, llama-cpp-python's own, on the same patched
-library (which `import llama_cpp` loads), with Self-Extend off: it has no setting for it.
+library (which `import llama_cpp` loads), with Self-Extend off: it has no setting for it. It needs
+llama-cpp-python's [server] extra, which selfextend-gguf does not install:
+pip install "llama-cpp-python[server]==0.3.36".
 Loopback only, bounded: at most 1000 requests, a timeout per request and --max-seconds per cell.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import math
 import os
 import random
@@ -152,6 +155,10 @@ LABELS = {"native-on": "llama-server, Self-Extend G={g} W={w}", "native-off": "l
           "python": "llama-cpp-python server (one at a time)"}
 
 
+# what `python -m llama_cpp.server` imports beyond llama_cpp (llama-cpp-python's [server] extra)
+PYTHON_SERVER_NEEDS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
@@ -174,6 +181,9 @@ def main(argv=None) -> int:
         parser.error("--requests must be 1..1000 and each concurrency 1..16")
     if unknown := set(servers) - set(LABELS):
         parser.error(f"unknown --servers {', '.join(sorted(unknown))}; choose from {', '.join(LABELS)}")
+    if "python" in servers and any(importlib.util.find_spec(name) is None for name in PYTHON_SERVER_NEEDS):
+        parser.error('--servers python needs llama-cpp-python\'s [server] extra: pip install '
+                     '"llama-cpp-python[server]==0.3.36" (or leave python out of --servers)')
 
     if args.model is None:
         from selfextend_gguf.models import default_model_path

@@ -12,42 +12,30 @@ holds the libraries and the programs side by side), for developers testing anoth
 works when it is set before ``llama_cpp`` is first imported: a process loads one libllama.
 
 Call :func:`require_self_extend_symbols` before using Self-Extend: it fails with an ImportError
-when the loaded library lacks the patch's C API.
+when the loaded library lacks the patch's C API. The patch's functions are bound below, in
+llama-cpp-python's style, with their return codes named (LLAMA_SELF_EXTEND_*); so is the capture
+of llama.cpp's logs (:class:`LlamaLogCapture`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import NewType
 
 __all__ = ["ENV_LIB_PATH", "SELF_EXTEND_SYMBOLS", "PROGRAMS", "lib_dir", "load_llama_cpp",
-           "program_path", "require_self_extend_symbols"]
+           "program_path", "require_self_extend_symbols", "LlamaLogCapture",
+           "LLAMA_SELF_EXTEND_OK", "LLAMA_SELF_EXTEND_ERR_INVALID", "LLAMA_SELF_EXTEND_ERR_UNSUPPORTED",
+           "LLAMA_SELF_EXTEND_ERR_ROPE_FACTORS", "llama_set_self_extend", "llama_get_self_extend_group_size",
+           "llama_get_self_extend_neighbor_window", "llama_get_self_extend_n_ctx_max",
+           "llama_set_self_extend_exact_rewind", "llama_get_self_extend_exact_rewind"]
 
 ENV_LIB_PATH = "SELFEXTEND_GGUF_LIB_PATH"
-
-# The patch's C API (patches/0001-self-extend-api.patch, include/llama.h):
-#   int32_t llama_set_self_extend(struct llama_context * ctx, int32_t group_size, int32_t neighbor_window);
-#       0: ok, -1: invalid values, -2: the model or its memory does not support it
-#   int32_t llama_get_self_extend_group_size(const struct llama_context * ctx);
-#   int32_t llama_get_self_extend_neighbor_window(const struct llama_context * ctx);
-#   int32_t llama_get_self_extend_n_ctx_max(const struct llama_context * ctx);  the reach
-# and patches/0016-self-extend-exact-rewind.patch:
-#   int32_t llama_set_self_extend_exact_rewind(struct llama_context * ctx, int32_t n_tokens);
-#       0: ok, -1: n_tokens < -1 (-1: the default, an eighth of a sequence's context, at least 512 tokens; 0: none)
-#   int32_t llama_get_self_extend_exact_rewind(const struct llama_context * ctx);  tokens per sequence
-_SIGNATURES = {
-    "llama_set_self_extend": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
-    "llama_get_self_extend_group_size": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_get_self_extend_neighbor_window": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_get_self_extend_n_ctx_max": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_set_self_extend_exact_rewind": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
-    "llama_get_self_extend_exact_rewind": ([ctypes.c_void_p], ctypes.c_int32),
-}
-SELF_EXTEND_SYMBOLS = tuple(_SIGNATURES)
 
 # llama.cpp's own programs, built from the same patched source (CMake option SELFEXTEND_BUILD_TOOLS)
 PROGRAMS = ("llama-server", "llama-cli", "llama-completion")
@@ -158,11 +146,14 @@ def load_llama_cpp() -> ModuleType:
 
 def _register_signatures(lib: ctypes.CDLL) -> None:
     """Declare argtypes/restype of the patch's functions that ``lib`` exports."""
-    for name, (argtypes, restype) in _SIGNATURES.items():
+    for name, (argtypes, restype) in _PROTOTYPES.items():
         fn = getattr(lib, name, None)  # CDLL caches it: settings persist
         if fn is not None:
             fn.argtypes = argtypes
             fn.restype = restype
+
+
+_self_extend_library: ctypes.CDLL | None = None  # the checked library, once require_self_extend_symbols found it
 
 
 def require_self_extend_symbols() -> ctypes.CDLL:
@@ -171,6 +162,9 @@ def require_self_extend_symbols() -> ctypes.CDLL:
     Returns the loaded library (``llama_cpp.llama_cpp._lib``) with the functions' signatures
     declared. Raises ImportError otherwise.
     """
+    global _self_extend_library
+    if _self_extend_library is not None:
+        return _self_extend_library
     llama_cpp = load_llama_cpp()
     lib = llama_cpp.llama_cpp._lib
     missing = [n for n in SELF_EXTEND_SYMBOLS if getattr(lib, n, None) is None]
@@ -180,4 +174,120 @@ def require_self_extend_symbols() -> ctypes.CDLL:
             " it was built without (all of) patches/*.patch, or from an older"
             f" checkout; {_REINSTALL_HINT}."
         )
+    _self_extend_library = lib
     return lib
+
+
+# ----------------------------------------------------------------------------- the patch's C API
+#
+# Bound as llama-cpp-python binds llama.h (llama_cpp/llama_cpp.py): each function's C declaration,
+# its ctypes prototype, and a Python function with the same name, typed arguments and llama.h's
+# comment. llama_cpp binds its functions when it is imported; these bind on their first call, so that
+# importing this module loads no library (`selfextend-gguf info` and `serve` never load it).
+# The declarations are llama.h's (patches/0010-self-extend-attention.patch).
+
+# struct llama_context *, as llama_cpp declares it: its type, and its ctypes type
+llama_context_p = NewType("llama_context_p", int)
+llama_context_p_ctypes = ctypes.c_void_p
+
+# What llama_set_self_extend returns (llama.h's enum llama_self_extend_result):
+LLAMA_SELF_EXTEND_OK = 0
+LLAMA_SELF_EXTEND_ERR_INVALID = -1       # group_size < 1, neighbor_window < 1 with group_size > 1, or
+                                         # neighbor_window below the model's sliding window
+LLAMA_SELF_EXTEND_ERR_UNSUPPORTED = -2   # the model or its memory does not support it: it needs a RoPE
+                                         # model with a KV cache (plain or iSWA)
+LLAMA_SELF_EXTEND_ERR_ROPE_FACTORS = -3  # tokens are cached and the change would rotate them with
+                                         # other RoPE factors (LongRoPE: Phi-3); clear the memory first
+# llama_set_self_extend_exact_rewind returns LLAMA_SELF_EXTEND_OK, or LLAMA_SELF_EXTEND_ERR_INVALID for n_tokens < -1
+
+_PROTOTYPES: dict[str, tuple[list, type]] = {}  # C name -> (argtypes, restype)
+
+
+def _ctypes_function(name: str, argtypes: list, restype):
+    """llama_cpp's ``ctypes_function`` decorator, for a library that is loaded on the first call."""
+    _PROTOTYPES[name] = (argtypes, restype)
+
+    def decorator(signature):
+        @functools.wraps(signature)
+        def call(*args):
+            return getattr(require_self_extend_symbols(), name)(*args)
+        return call
+    return decorator
+
+
+# LLAMA_API int32_t llama_set_self_extend(struct llama_context * ctx, int32_t group_size, int32_t neighbor_window);
+@_ctypes_function("llama_set_self_extend", [llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
+def llama_set_self_extend(ctx: llama_context_p, group_size: int, neighbor_window: int, /) -> int:
+    """Attention between a query at position q and a key at position k uses the normal positions when
+    q - k < neighbor_window, and the grouped positions q/group_size + neighbor_window - neighbor_window/group_size
+    and k/group_size otherwise (integer division). group_size == 1 turns it off. Cached tokens are kept,
+    and re-rotated if the group size changes. Returns one of the LLAMA_SELF_EXTEND_* codes above."""
+
+
+# LLAMA_API int32_t llama_get_self_extend_group_size(const struct llama_context * ctx);
+@_ctypes_function("llama_get_self_extend_group_size", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_get_self_extend_group_size(ctx: llama_context_p, /) -> int:
+    """The group size G (1: Self-Extend is off)."""
+
+
+# LLAMA_API int32_t llama_get_self_extend_neighbor_window(const struct llama_context * ctx);
+@_ctypes_function("llama_get_self_extend_neighbor_window", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_get_self_extend_neighbor_window(ctx: llama_context_p, /) -> int:
+    """The neighbor window W (0 while Self-Extend is off)."""
+
+
+# LLAMA_API int32_t llama_get_self_extend_n_ctx_max(const struct llama_context * ctx);
+@_ctypes_function("llama_get_self_extend_n_ctx_max", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_get_self_extend_n_ctx_max(ctx: llama_context_p, /) -> int:
+    """The longest sequence the settings reach: its largest grouped position stays below the trained
+    context (n_ctx_train when Self-Extend is off)."""
+
+
+# LLAMA_API int32_t llama_set_self_extend_exact_rewind(struct llama_context * ctx, int32_t n_tokens);
+@_ctypes_function("llama_set_self_extend_exact_rewind", [llama_context_p_ctypes, ctypes.c_int32], ctypes.c_int32)
+def llama_set_self_extend_exact_rewind(ctx: llama_context_p, n_tokens: int, /) -> int:
+    """Exact rewinds: keep the K that the n_tokens most recently grouped tokens of each sequence had at
+    their normal positions, so that rewinding a sequence by up to n_tokens leaves bit for bit the cache a
+    fresh context fed the same tokens holds. -1 (the default): an eighth of a sequence's context, at
+    least 512 tokens; 0: none. Returns LLAMA_SELF_EXTEND_OK, or LLAMA_SELF_EXTEND_ERR_INVALID for
+    n_tokens < -1."""
+
+
+# LLAMA_API int32_t llama_get_self_extend_exact_rewind(const struct llama_context * ctx);
+@_ctypes_function("llama_get_self_extend_exact_rewind", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_get_self_extend_exact_rewind(ctx: llama_context_p, /) -> int:
+    """The exact rewind's tokens per sequence."""
+
+
+SELF_EXTEND_SYMBOLS = tuple(_PROTOTYPES)
+
+
+# ----------------------------------------------------------------------------- llama.cpp's logs
+
+GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
+class LlamaLogCapture:
+    """llama.cpp's logs, kept off the terminal: install() points llama_log_set at a callback that drops
+    them and keeps the errors in ``errors``, to explain a failure (llama-cpp-python prints llama.cpp's
+    warnings even with verbose=False). llama_log_set is process-wide: the last install() wins."""
+
+    _installed = None  # the callback llama.cpp now holds: kept alive here, or ctypes would free it
+
+    def __init__(self):
+        self.errors: list[str] = []
+
+    def install(self) -> None:
+        llama_cpp = load_llama_cpp()
+
+        @llama_cpp.llama_log_callback
+        def keep_errors(level, text, user_data):
+            if level == GGML_LOG_LEVEL_ERROR:
+                self.errors.append(text.decode("utf-8", errors="replace").strip())
+
+        LlamaLogCapture._installed = keep_errors
+        llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
+
+    @property
+    def last_error(self) -> str | None:
+        return self.errors[-1] if self.errors else None

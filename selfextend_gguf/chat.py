@@ -107,10 +107,10 @@ class ContextPlan:
     reach: int        # the longest context these settings keep inside the trained context
 
 
-def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, grp_attn_n="auto",
-                 grp_attn_w: int | None = None, n_documents: int | None = None,
-                 sliding_window: int | None = None) -> ContextPlan:
-    """n_ctx (n_needed unless given) and the Self-Extend settings for it (chosen when "auto").
+def plan_context(n_needed: int, info, *, n_ctx: int | None = None, grp_attn_n="auto",
+                 grp_attn_w: int | None = None, n_documents: int | None = None) -> ContextPlan:
+    """n_ctx (n_needed unless given) and the Self-Extend settings for it on the model (a
+    gguf_info.ModelInfo), decided by settings.decide in the CLI's spelling (chosen when "auto").
 
     n_documents: the tokens that must fit before any answer (the documents and prompt).
     Raises SetupError saying what does not fit, by how much, and what would.
@@ -121,13 +121,12 @@ def plan_context(n_needed: int, n_ctx_train: int, *, n_ctx: int | None = None, g
                          f"room to answer; use --ctx {n_documents + CHAT_ROOM:,} or leave --ctx out")
     n_ctx = n_ctx or n_needed
     try:
-        setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, n_ctx_train, sliding_window, names=settings.CLI,
-                                   strict=True)
+        setting = settings.decide(info, grp_attn_n, grp_attn_w, n_ctx, spelling=settings.CLI, strict=True)
     except settings.BeyondReach as beyond:  # said in terms of the documents
-        raise SetupError(_too_long_message(n_documents, n_ctx_train, beyond, sliding_window)) from None
+        raise SetupError(_too_long_message(n_documents, info.n_ctx_train, beyond, info.sliding_window)) from None
     except ValueError as error:
         raise SetupError(str(error)) from None
-    return ContextPlan(n_ctx, setting, settings.max_context(n_ctx_train, setting))
+    return ContextPlan(n_ctx, setting, settings.max_context(info.n_ctx_train, setting))
 
 
 def _too_long_message(n_documents, n_ctx_train, beyond: settings.BeyondReach, sliding_window=None) -> str:
@@ -340,14 +339,15 @@ def open_session(model_path, documents: list[Document], *, question: str = "", r
     """
     try:
         info = read_model_info(model_path)
+        # said before the vocabulary is read: llama.cpp may not read a refused architecture's
+        settings.refuse(info, grp_attn_n, spelling=settings.CLI)
     except ValueError as error:
         raise SetupError(str(error)) from None
     # the vocabulary alone (no weights) tokenizes the documents before n_ctx is known
     n_prompt, _, _ = size_prompt(info, documents, question, raw, verbose)
-    plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
-                        grp_attn_w=grp_attn_w, n_documents=n_prompt, sliding_window=info.sliding_window)
-    llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, grp_attn_n=plan.self_extend.group_size,
-                       grp_attn_w=plan.self_extend.neighbor_window or None, flash_attn=flash_attn,
+    plan = plan_context(n_prompt + room + UTF8_SLACK, info, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
+                        grp_attn_w=grp_attn_w, n_documents=n_prompt)
+    llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, self_extend=plan.self_extend, flash_attn=flash_attn,
                        verbose=verbose)
     prompt_format = RawText() if raw else ChatTemplate(llm)
     return ChatSession(llm, prompt_format, documents, max_answer_tokens=max_answer_tokens,

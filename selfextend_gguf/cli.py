@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import sys
@@ -23,10 +22,11 @@ from rich.table import Table
 from rich.text import Text
 
 from . import settings
+from ._native import LlamaLogCapture
 from .documents import STDIN, DocumentError, load_documents, read_text_file
 from .gguf_info import read_model_info
 from .models import ModelNotInstalledError, default_model_path
-from .serve import add_serve_arguments
+from .serve import add_serve_arguments, serve
 from .settings import group_size_arg, positive_int_arg
 
 PROG = "selfextend-gguf"
@@ -40,6 +40,13 @@ stderr = Console(stderr=True, highlight=False)
 def say(message: str, style: str | None = None) -> None:
     """A message to the user, on stderr (stdout carries only answers and requested output)."""
     stderr.print(Text(message, style=style or ""), soft_wrap=True)
+
+
+def chat_module():
+    """selfextend_gguf.chat, imported on first use: importing it loads llama.cpp (libllama), which
+    `info` without --doc and `serve` do without. The one place this module imports it."""
+    from . import chat
+    return chat
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -97,51 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
                                "each document's kind, size and tokens and the G and W that chat and run pick.")
     info.set_defaults(handler=info_command)
 
-    serve = commands.add_parser("serve", help="llama.cpp's llama-server with exact Self-Extend in every slot",
-                                description="Run llama-server (built from the patched llama.cpp) with G and W "
-                                "chosen for the context of each slot. Anything after -- goes to llama-server.")
-    add_serve_arguments(serve)
-    serve.set_defaults(handler=serve_command)
+    serve_parser = commands.add_parser("serve", help="llama.cpp's llama-server with exact Self-Extend in every slot",
+                                       description="Run llama-server (built from the patched llama.cpp) with G and "
+                                       "W chosen for the context of each slot. Anything after -- goes to llama-server.")
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(handler=serve)
     return parser
-
-
-def serve_command(args) -> int:
-    from .serve import serve
-    return serve(args)
 
 
 def model_path(args) -> Path:
     return Path(args.model).expanduser() if args.model else default_model_path()
 
 
-# ----------------------------------------------------------------------------- llama.cpp logs
-
-_LLAMA_ERROR = 4             # GGML_LOG_LEVEL_ERROR
-_llama_errors: list[str] = []
-
-
-def quiet_llama_logs() -> None:
-    """Drop llama.cpp's logs, keeping its errors to explain a failure (llama-cpp-python prints its
-    warnings even when verbose=False)."""
-    from .llama import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def keep_errors(level, text, user_data):
-        if level == _LLAMA_ERROR:
-            _llama_errors.append(text.decode("utf-8", errors="replace").strip())
-
-    quiet_llama_logs.callback = keep_errors  # ctypes must not free it
-    llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
-
-
 # ----------------------------------------------------------------------------- chat and run
 
 def open_for(args, *, question: str = "", room: int, raw: bool = False):
     """The session a chat or run command asks for, with its settings reported on stderr."""
-    from . import chat  # loads llama.cpp: not for `info`
+    chat = chat_module()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     if not args.verbose:
-        quiet_llama_logs()
+        args.llama_logs.install()
     documents = load_with_progress(args.doc)
     temperature = args.temp if args.temp is not None else args.temp_default
     with stderr.status("loading the model"):
@@ -236,11 +218,10 @@ def run_command(args) -> int:
 
 
 def chat_command(args) -> int:
-    from .chat import CHAT_ROOM
     if STDIN in args.doc and not sys.stdin.isatty():
         raise DocumentError("chat --doc - would use up standard input, which the chat reads its questions "
                             "from; pass a file, or use run --doc - for one question")
-    session = open_for(args, room=CHAT_ROOM)
+    session = open_for(args, room=chat_module().CHAT_ROOM)
     ingest(session)
     return ChatLoop(session).run()
 
@@ -299,13 +280,13 @@ class ChatLoop:
                 say("\n(stopped)", style="yellow")
 
     def answer(self, question: str) -> None:
-        from .chat import ContextFullError
+        chat = chat_module()
         stream = self.session.ask(question)
         try:
             for text in stream:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-        except ContextFullError as error:
+        except chat.ContextFullError as error:
             say(str(error), style="yellow")
             return
         except KeyboardInterrupt:
@@ -325,7 +306,7 @@ class ChatLoop:
             say(f"(the answer reached the -n limit of {self.session.max_answer_tokens:,} tokens)", style="dim")
 
     def command(self, name: str, argument: str = "") -> None:
-        from .chat import SessionFileError
+        chat = chat_module()
         session = self.session
         if name == "/help":
             stderr.print(Markdown(HELP))
@@ -339,14 +320,14 @@ class ChatLoop:
         elif name == "/save":
             try:
                 session.save(argument)
-            except SessionFileError as error:
+            except chat.SessionFileError as error:
                 return say(str(error), style="red")
             size = Path(argument).expanduser().stat().st_size
             say(f"saved the session to {argument} ({size / 2**20:,.1f} MiB)")
         elif name == "/load":
             try:
                 session.load(argument)
-            except SessionFileError as error:
+            except chat.SessionFileError as error:
                 return say(str(error), style="red")
             say(f"loaded {argument}: {len(session.messages) // 2} questions and answers, "
                 f"{session.n_used:,} tokens in the context")
@@ -412,8 +393,7 @@ def info_command(args) -> int:
         stdout.print(reach)
         return 0
     n_ctx = args.ctx or info.n_ctx_train
-    setting = settings.resolve(args.grp_attn_n, args.grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window,
-                               names=settings.CLI, strict=True)
+    setting = settings.decide(info, args.grp_attn_n, args.grp_attn_w, n_ctx, spelling=settings.CLI, strict=True)
     reach = settings.max_context(info.n_ctx_train, setting)
     if setting.enabled:
         stdout.print(f"Self-Extend for --ctx {n_ctx:,}: --grp-attn-n {setting.group_size} --grp-attn-w "
@@ -434,10 +414,10 @@ def refuse_self_extend(info) -> bool:
 def info_documents(args, info) -> int:
     """Each document's kind, sections, characters and tokens, and the n_ctx, G and W that chat and run
     (with its default -n) would pick for them: the sizing open_session does, on the vocabulary only."""
-    from .chat import CHAT_ROOM, UTF8_SLACK, plan_context, size_prompt
+    chat = chat_module()
     documents = load_with_progress(args.doc)
-    quiet_llama_logs()
-    n_prompt, per_document, format_name = size_prompt(info, documents, raw=None, each_document=True)
+    args.llama_logs.install()
+    n_prompt, per_document, format_name = chat.size_prompt(info, documents, raw=None, each_document=True)
     table = Table("document", "kind", "pages/chapters", "characters", "tokens")
     for doc, tokens in zip(documents, per_document):
         sections = f"{doc.sections:,} {doc.sections_name}" if doc.sections is not None else "-"
@@ -447,10 +427,9 @@ def info_documents(args, info) -> int:
     stdout.print(f"prompt with the documents: {n_prompt:,} tokens ({format_name} format)")
     if refuse_self_extend(info):
         return 0
-    for command, room in (("chat", CHAT_ROOM), (f"run -n {RUN_TOKENS}", RUN_TOKENS)):
-        plan = plan_context(n_prompt + room + UTF8_SLACK, info.n_ctx_train, n_ctx=args.ctx,
-                            grp_attn_n=args.grp_attn_n, grp_attn_w=args.grp_attn_w, n_documents=n_prompt,
-                            sliding_window=info.sliding_window)
+    for command, room in (("chat", chat.CHAT_ROOM), (f"run -n {RUN_TOKENS}", RUN_TOKENS)):
+        plan = chat.plan_context(n_prompt + room + chat.UTF8_SLACK, info, n_ctx=args.ctx,
+                                 grp_attn_n=args.grp_attn_n, grp_attn_w=args.grp_attn_w, n_documents=n_prompt)
         extend = (f"--grp-attn-n {plan.self_extend.group_size} --grp-attn-w {plan.self_extend.neighbor_window}, "
                   f"reaching {plan.reach:,} tokens" if plan.self_extend.enabled
                   else "Self-Extend off (the trained context holds it)")
@@ -462,6 +441,7 @@ def info_documents(args, info) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 on a bad command line
+    args.llama_logs = LlamaLogCapture()  # installed by the commands that load llama.cpp (unless --verbose)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -473,7 +453,7 @@ def main(argv=None) -> int:
         # inputs that cannot work: files (DocumentError, not GGUF), sizes and settings (SetupError)
         return fail(str(error), 2)
     except Exception as error:  # failures while running: llama.cpp, the library, a full context
-        detail = f" (llama.cpp: {_llama_errors[-1]})" if _llama_errors else ""
+        detail = f" (llama.cpp: {args.llama_logs.last_error})" if args.llama_logs.last_error else ""
         return fail(f"{error}{detail}", 1)
 
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from . import settings
-from ._native import load_llama_cpp, require_self_extend_symbols
+from . import _native, settings
 from .gguf_info import read_model_info
 
-llama_cpp = load_llama_cpp()
+llama_cpp = _native.load_llama_cpp()
 
 logger = logging.getLogger("selfextend_gguf")
-
-# llama_set_self_extend's status where tokens are cached and the new settings change a LongRoPE model's factors
-LONGROPE_FACTORS_WOULD_CHANGE = -3
 
 
 class Llama(llama_cpp.Llama):
@@ -34,22 +30,28 @@ class Llama(llama_cpp.Llama):
             kept, so that reusing a prefix after up to this many newer tokens (prefix reuse, a regenerated
             answer, a new question on a cached document) gives bit for bit what a fresh context gives.
             Costs that many rows of K. -1 (the default): an eighth of n_ctx, at least 512 tokens; 0: none.
+        self_extend: G and W already decided for this model and n_ctx by settings.decide, instead of
+            grp_attn_n and grp_attn_w: for a front end that decides them itself, to word its errors in
+            its own spelling (the CLI's flags).
         flash_attn: True by default here (llama_cpp.Llama: False), as in llama.cpp's own programs: it is
             the fastest path, with Self-Extend and without (see scripts/bench_speed.py).
         Every other argument is llama_cpp.Llama's.
     """
 
     def __init__(self, model_path: str, *args, grp_attn_n: int | str = 1, grp_attn_w: int | None = None,
-                 grp_attn_rewind: int = -1, **kwargs):
+                 grp_attn_rewind: int = -1, self_extend: settings.SelfExtend | None = None, **kwargs):
         info = read_model_info(model_path)
         n_ctx = kwargs.get("n_ctx", 512) or info.n_ctx_train
-        settings.check_architecture(info, grp_attn_n)
-        setting = settings.resolve(grp_attn_n, grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window)
-        settings.check_model(setting, info)
+        if self_extend is None:
+            self_extend = settings.decide(info, grp_attn_n, grp_attn_w, n_ctx)
+        elif (grp_attn_n, grp_attn_w) != (1, None):
+            raise TypeError("pass Self-Extend's settings either as grp_attn_n and grp_attn_w or as self_extend, "
+                            "not both")
         if not isinstance(grp_attn_rewind, int) or grp_attn_rewind < -1:
             raise ValueError(f"grp_attn_rewind={grp_attn_rewind!r}: pass a number of tokens, -1 for the default "
                              "(an eighth of n_ctx, at least 512) or 0 for none")
-        self._lib = require_self_extend_symbols()
+        # fails before loading if the library lacks the patch; the tests call its functions as llm._lib
+        self._lib = _native.require_self_extend_symbols()
         self.model_info = info
         self.self_extend = settings.SelfExtend()
         self.n_ctx_requested = n_ctx  # llama.cpp rounds n_ctx up to a multiple of 256
@@ -61,13 +63,13 @@ class Llama(llama_cpp.Llama):
         # context rounded up to a multiple of 256
         self._n_ctx = min(n_ctx, self.n_ctx())
 
-        self._lib.llama_set_self_extend_exact_rewind(self._ctx.ctx, grp_attn_rewind)
-        if setting.enabled:
-            self.set_self_extend(setting.group_size, setting.neighbor_window)
+        _native.llama_set_self_extend_exact_rewind(self._ctx.ctx, grp_attn_rewind)
+        if self_extend.enabled:
+            self._apply(self_extend)
             how = "chose" if grp_attn_n == "auto" else "uses"
             logger.info("Self-Extend %s grp_attn_n=%d grp_attn_w=%d for n_ctx=%d (trained on %d, reach %d)",
-                        how, setting.group_size, setting.neighbor_window, n_ctx, info.n_ctx_train,
-                        settings.max_context(info.n_ctx_train, setting))
+                        how, self_extend.group_size, self_extend.neighbor_window, n_ctx, info.n_ctx_train,
+                        settings.max_context(info.n_ctx_train, self_extend))
         elif n_ctx > info.n_ctx_train:
             logger.warning("n_ctx=%d is longer than the %d tokens %s was trained on, and Self-Extend is off: "
                            "past %d tokens the output degrades; pass grp_attn_n='auto' (or grp_attn_n=G, "
@@ -85,18 +87,24 @@ class Llama(llama_cpp.Llama):
     def set_self_extend(self, group_size: int, neighbor_window: int) -> None:
         """Change G and W on the live context; cached tokens are kept (and re-rotated if G changes), unless
         the change would give a LongRoPE model (Phi-3) other RoPE factors: then ValueError, cache untouched."""
-        setting = settings.SelfExtend(group_size, neighbor_window if group_size > 1 else 0)
-        settings.validate(setting, self.n_ctx_requested, self.model_info.n_ctx_train, self.model_info.sliding_window)
-        status = self._lib.llama_set_self_extend(self._ctx.ctx, setting.group_size, setting.neighbor_window)
-        if status == LONGROPE_FACTORS_WOULD_CHANGE:
-            raise ValueError(f"Self-Extend G={group_size}, W={neighbor_window} would rotate the cached tokens of "
+        self._apply(settings.decide(self.model_info, group_size, neighbor_window, self.n_ctx_requested))
+
+    def _apply(self, setting: settings.SelfExtend) -> None:
+        """Set decided settings on the context (llama_set_self_extend)."""
+        group_size, window = setting.group_size, setting.neighbor_window
+        status = _native.llama_set_self_extend(self._ctx.ctx, group_size, window)
+        if status == _native.LLAMA_SELF_EXTEND_ERR_ROPE_FACTORS:
+            raise ValueError(f"Self-Extend G={group_size}, W={window} would rotate the cached tokens of "
                              f"{self.model_info.path.name} with other LongRoPE factors (long or short) than they "
                              "were rotated with: clear the cache first (llama_memory_clear; Llama.reset() alone "
                              "keeps it), or switch before evaluating")
-        if status != 0:
-            raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={neighbor_window}) for "
-                             f"{self.model_info.path.name} (status {status}): it needs a RoPE model with a "
-                             "plain or sliding-window (iSWA) KV cache, not a recurrent or hybrid memory")
+        if status == _native.LLAMA_SELF_EXTEND_ERR_UNSUPPORTED:
+            raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={window}) for "
+                             f"{self.model_info.path.name}: it needs a RoPE model with a plain or "
+                             "sliding-window (iSWA) KV cache, not a recurrent or hybrid memory")
+        if status != _native.LLAMA_SELF_EXTEND_OK:  # LLAMA_SELF_EXTEND_ERR_INVALID: its log says which
+            raise ValueError(f"llama.cpp refused Self-Extend (G={group_size}, W={window}) for "
+                             f"{self.model_info.path.name} as invalid values (status {status})")
         self.self_extend = setting
 
     def close(self) -> None:
@@ -105,16 +113,16 @@ class Llama(llama_cpp.Llama):
 
     @property
     def grp_attn_n(self) -> int:
-        return int(self._lib.llama_get_self_extend_group_size(self._ctx.ctx))
+        return _native.llama_get_self_extend_group_size(self._ctx.ctx)
 
     @property
     def grp_attn_w(self) -> int:
-        return int(self._lib.llama_get_self_extend_neighbor_window(self._ctx.ctx))
+        return _native.llama_get_self_extend_neighbor_window(self._ctx.ctx)
 
     @property
     def grp_attn_rewind(self) -> int:
         """How many of the most recently grouped tokens a rewind restores exactly (0 while Self-Extend is off)."""
-        return int(self._lib.llama_get_self_extend_exact_rewind(self._ctx.ctx)) if self.grp_attn_n > 1 else 0
+        return _native.llama_get_self_extend_exact_rewind(self._ctx.ctx) if self.grp_attn_n > 1 else 0
 
     def n_ctx_train(self) -> int:
         return self.model_info.n_ctx_train

@@ -7,7 +7,7 @@ Self-Extend in every slot.
 
 This module only decides llama-server's command line: the model (default: the embedded SmolLM2),
 the context of each slot (default: twice the trained context), G and W (default: chosen for that
-context by settings.resolve, the rule the Python API uses), loopback only. Then it becomes that
+context by settings.decide, as the Python API decides them), loopback only. Then it becomes that
 server (exec). Everything else is llama-server's: the OpenAI routes, continuous batching over
 --parallel slots, prompt caching, the API key (401), 400 for a prompt past the slot's context,
 /slots save and restore (--state-dir), /props with grp_attn_n and grp_attn_w.
@@ -62,10 +62,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
         args.model = str(default_model_path())
     info = read_model_info(args.model)
     n_ctx = args.n_ctx or 2 * info.n_ctx_train
-    settings.check_architecture(info, args.grp_attn_n, names=settings.CLI)
-    setting = settings.resolve(args.grp_attn_n, args.grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window,
-                               names=settings.CLI, strict=True)
-    settings.check_model(setting, info, names=settings.CLI)
+    setting = settings.decide(info, args.grp_attn_n, args.grp_attn_w, n_ctx, spelling=settings.CLI, strict=True)
     command = [str(program_path("llama-server")), "--model", args.model,
                "--ctx-size", str(n_ctx * args.parallel), "--parallel", str(args.parallel),
                "--host", args.host, "--port", str(args.port)]

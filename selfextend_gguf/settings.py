@@ -3,8 +3,8 @@
 A query at position q and a key at position k use their normal positions when q - k < W, and
 the grouped positions q // G + W - W // G and k // G otherwise (LongLM, arXiv 2401.01325).
 The largest position a model then sees is (n - 1) // G + W - W // G, which must stay inside the
-trained context L. Pure Python: the API, the CLI and the server decide G and W here (resolve),
-before loading a model.
+trained context L. Pure Python: the API, the CLI and the server decide G and W here (decide: for
+a model file's metadata; resolve: for its trained context alone), before loading a model.
 """
 from __future__ import annotations
 
@@ -58,12 +58,38 @@ class BeyondReach(ValueError):
         self.n_ctx, self.reach, self.setting, self.fitting = n_ctx, reach, setting, fitting
 
 
+def decide(info, grp_attn_n, grp_attn_w, n_ctx: int, spelling: Spelling = API, strict: bool = False) -> SelfExtend:
+    """The one place G and W are decided for a model and a context: every front end (Llama, the CLI's
+    chat, run and info, serve) calls it once and passes the result on. info: the model's
+    gguf_info.ModelInfo; the other arguments are resolve()'s. Raises ValueError (BeyondReach when
+    n_ctx is past the reach) naming the problem and the fix in the caller's spelling."""
+    refuse(info, grp_attn_n, spelling)  # before any setting is checked against such a model
+    setting = resolve(grp_attn_n, grp_attn_w, n_ctx, info.n_ctx_train, info.sliding_window, spelling, strict)
+    refuse(info, setting.group_size, spelling)  # "auto" may have turned Self-Extend on
+    return setting
+
+
+def refuse(info, grp_attn_n, spelling: Spelling = API) -> None:
+    """Raise ValueError if Self-Extend is asked for (an integer grp_attn_n > 1; "auto" asks for nothing
+    yet) on a model (a gguf_info.ModelInfo) that it cannot run on: the first thing to say about such a
+    model, before anything else is checked or read (decide() starts with it)."""
+    if not (_is_int(grp_attn_n) and grp_attn_n > 1):
+        return
+    if info.self_extend_refusal:
+        raise ValueError(f"Self-Extend cannot run on {info.path.name}: its architecture {info.architecture} "
+                         f"{info.self_extend_refusal}. Run it without Self-Extend ({spelling('group_size', 1)})")
+    if info.rope_scaling_type == "yarn":
+        raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
+                         f"compose with; run it without Self-Extend ({spelling('group_size', 1)}) or pick a "
+                         "model without YaRN")
+
+
 def resolve(grp_attn_n, grp_attn_w, n_ctx: int, n_ctx_train: int, sliding_window: int | None = None,
-            names: Spelling = API, strict: bool = False) -> SelfExtend:
-    """The one place G and W are decided: the user's grp_attn_n (an int, or "auto") and grp_attn_w (an
-    int, or None for the default) for a context of n_ctx tokens per sequence, checked. Raises
-    ValueError (BeyondReach when n_ctx is past the reach) naming the problem and the fix, with the
-    caller's names for the settings.
+            spelling: Spelling = API, strict: bool = False) -> SelfExtend:
+    """G and W for a model known by its trained context (and sliding window): the user's grp_attn_n
+    (an int, or "auto") and grp_attn_w (an int, or None for the default) for a context of n_ctx tokens
+    per sequence, checked. Raises ValueError (BeyondReach when n_ctx is past the reach) naming the
+    problem and the fix, in the caller's spelling of the settings. decide() adds the model's own checks.
 
     "auto": off inside the trained context; else W = grp_attn_w or default_window(), and the smallest G
     that keeps W + (n_ctx - W) / G within 2/3 of the trained context, or failing that, within it.
@@ -78,7 +104,7 @@ def resolve(grp_attn_n, grp_attn_w, n_ctx: int, n_ctx_train: int, sliding_window
         group_size = (smallest_group_size(n_ctx, n_ctx_train, window, AUTO_TARGET_FRACTION)
                       or smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0))
         setting = SelfExtend(group_size or 2, window)  # none reaches n_ctx: validate says so
-    validate(setting, n_ctx, n_ctx_train, sliding_window, names, strict)
+    validate(setting, n_ctx, n_ctx_train, sliding_window, spelling, strict)
     return setting
 
 
@@ -87,7 +113,7 @@ def _is_int(value) -> bool:
 
 
 def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int, sliding_window: int | None = None,
-             names: Spelling = API, strict: bool = False) -> None:
+             spelling: Spelling = API, strict: bool = False) -> None:
     """Raise ValueError naming the problem and the fix (BeyondReach when n_ctx is past the reach).
 
     A model with sliding-window layers (Gemma 3) gets Self-Extend on its global layers only: a
@@ -95,54 +121,30 @@ def validate(setting: SelfExtend, n_ctx: int, n_ctx_train: int, sliding_window: 
     normal positions anyway when W >= n_swa. So W must be at least the sliding window."""
     group_size, window = setting.group_size, setting.neighbor_window
     if not _is_int(group_size) or group_size < 1:
-        raise ValueError(f"{names.group_size} must be an integer >= 1 or 'auto', got {group_size!r}")
+        raise ValueError(f"{spelling.group_size} must be an integer >= 1 or 'auto', got {group_size!r}")
     if not setting.enabled:
         if strict and n_ctx > n_ctx_train:
             fitting = smallest_group_size(n_ctx, n_ctx_train, default_window(n_ctx_train, sliding_window), 1.0)
-            raise BeyondReach(f"{names('n_ctx', n_ctx)} is longer than the model's trained context ({n_ctx_train} "
-                              f"tokens) and Self-Extend is off; use {names.group_size} >= {fitting} or 'auto'",
+            raise BeyondReach(f"{spelling('n_ctx', n_ctx)} is longer than the model's trained context ({n_ctx_train} "
+                              f"tokens) and Self-Extend is off; use {spelling.group_size} >= {fitting} or 'auto'",
                               n_ctx, n_ctx_train, setting, fitting)
         return
     if not _is_int(window) or window < 1:
-        raise ValueError(f"{names.window} (the neighbor window) must be an integer >= 1, got {window!r}")
+        raise ValueError(f"{spelling.window} (the neighbor window) must be an integer >= 1, got {window!r}")
     if sliding_window and window < sliding_window:
-        raise ValueError(f"{names('window', window)} is smaller than the model's sliding window ({sliding_window} "
+        raise ValueError(f"{spelling('window', window)} is smaller than the model's sliding window ({sliding_window} "
                          f"tokens): its sliding-window layers are left as they are, which is exact only when "
-                         f"every key they see is inside the neighbor window; use {names.window} >= {sliding_window}")
+                         f"every key they see is inside the neighbor window; use {spelling.window} >= {sliding_window}")
     if window >= n_ctx_train:
-        raise ValueError(f"{names('window', window)} must be smaller than the model's trained context "
-                         f"({n_ctx_train} tokens); try {names('window', max(1, n_ctx_train // 8))}")
+        raise ValueError(f"{spelling('window', window)} must be smaller than the model's trained context "
+                         f"({n_ctx_train} tokens); try {spelling('window', max(1, n_ctx_train // 8))}")
     reach = max_context(n_ctx_train, setting)
     if n_ctx > reach:
         fitting = smallest_group_size(n_ctx, n_ctx_train, window, fraction=1.0)
-        hint = f"{names.group_size} >= {fitting}" if fitting else f"a smaller {names.window}"
-        raise BeyondReach(f"{names('n_ctx', n_ctx)} is beyond what {names('group_size', group_size)}, "
-                          f"{names('window', window)} reach ({reach} tokens for a model trained on {n_ctx_train}); "
+        hint = f"{spelling.group_size} >= {fitting}" if fitting else f"a smaller {spelling.window}"
+        raise BeyondReach(f"{spelling('n_ctx', n_ctx)} is beyond what {spelling('group_size', group_size)}, "
+                          f"{spelling('window', window)} reach ({reach} tokens for a model trained on {n_ctx_train}); "
                           f"use {hint} or 'auto'", n_ctx, reach, setting, fitting)
-
-
-def check_architecture(info, grp_attn_n, names: Spelling = API) -> None:
-    """Raise ValueError if Self-Extend is asked for (grp_attn_n > 1; "auto" is checked by check_model
-    once it has decided) on a model (a gguf_info.ModelInfo) whose architecture it cannot run on: the
-    first thing to say about such a model, before any setting is checked against it."""
-    try:
-        group_size = int(grp_attn_n)
-    except (TypeError, ValueError):
-        return  # "auto", or a value that resolve() explains
-    if group_size > 1:
-        check_model(SelfExtend(group_size, 1), info, names)
-
-
-def check_model(setting: SelfExtend, info, names: Spelling = API) -> None:
-    """Raise ValueError if the model (a gguf_info.ModelInfo) cannot run these settings."""
-    if not setting.enabled:
-        return
-    if info.self_extend_refusal:
-        raise ValueError(f"Self-Extend cannot run on {info.path.name}: its architecture {info.architecture} "
-                         f"{info.self_extend_refusal}. Run it without Self-Extend ({names('group_size', 1)})")
-    if info.rope_scaling_type == "yarn":
-        raise ValueError(f"{info.path.name} already uses YaRN RoPE scaling, which Self-Extend does not "
-                         "compose with; run it without Self-Extend or pick a model without YaRN")
 
 
 def smallest_group_size(n_ctx: int, n_ctx_train: int, window: int, fraction: float) -> int | None:

@@ -1,7 +1,9 @@
 """Extra builds of the pinned llama.cpp for tests: the top-level CMakeLists.txt, configured into its
 own folder under build/ (ignored by git) with other options, e.g. build/unpatched
-(SELFEXTEND_APPLY_PATCHES=OFF), build/fallbacks (SELFEXTEND_FORCE_FALLBACKS=ON) or build/rpc
-(GGML_RPC=ON); and run_with_library(), which runs a function in a child process bound to one. Each build folder keeps its object files,
+(SELFEXTEND_APPLY_PATCHES=OFF) or build/rpc (GGML_RPC=ON); run_with_library(), which runs a function
+in a child process bound to one, optionally with every layer on a "limited device" (limited_device.cpp:
+the CPU's kernels behind a device without some of Self-Extend's operations, so that Self-Extend takes
+the paths of GPUs without them). Each build folder keeps its object files,
 so a second run only asks ninja whether anything changed (about a second); ggml's GGML_CCACHE uses
 ccache when it is installed."""
 import functools
@@ -58,21 +60,38 @@ def build_llama_cpp(build_dir: Path, options, targets) -> Path:
     return build_dir / "bin"
 
 
-# SELFEXTEND_FORCE_FALLBACKS value -> its build folder
-FALLBACK_BUILDS = {"ON": ROOT / "build" / "fallbacks", "NO_FLASH_LSE": ROOT / "build" / "no-flash-lse"}
+# limited_device.cpp's flags, by the paths that Self-Extend takes on the device
+LIMITED_DEVICES = {
+    # no ggml_flash_attn_ext_lse: prefill through one flash attention over the doubled head size, V at its own
+    # head size; single-token steps read V with out_prod, scores in place (as on the CPU)
+    "no_flash_lse": 1,
+    # none of Self-Extend's faster operations, and flash attention of one head size only: V padded to the
+    # doubled head size, V transposed for single-token steps, score blocks joined by CONCAT
+    "fallbacks": 1 | 2 | 4 | 8,
+}
+LIMITED_DEVICE_SOURCE = ROOT / "tests" / "limited_device.cpp"
 
 
-@functools.lru_cache(maxsize=None)  # once per test session
-def fallbacks_lib_dir(which: str = "ON") -> Path:
-    """A libllama whose Self-Extend takes the paths of devices without ggml_flash_attn_ext_lse:
-    "ON", and without out_prod or flash attention of two head sizes either (V padded, V transposed for
-    decode steps); "NO_FLASH_LSE", with those two (as the CPU has them)."""
-    build = FALLBACK_BUILDS[which]
-    library = build / "bin" / "libllama.so"
-    # built every time: a no-op for ninja (about a second) unless the patches changed
-    build_llama_cpp(build, [f"-DSELFEXTEND_FORCE_FALLBACKS={which}", "-DSELFEXTEND_BUILD_TOOLS=OFF"], ["llama"])
-    assert library.exists(), f"the fallbacks build did not produce {library}"
-    return library.parent
+def patched_source_tree() -> Path:
+    """The patched llama.cpp tree of the package build (its ggml headers, internal ones included)."""
+    found = sorted(ROOT.glob("build/*/llama.cpp-src/ggml/src/ggml-backend-impl.h"))
+    if not found:
+        raise RuntimeError("no patched llama.cpp tree under build/: install the package first (pip install .)")
+    return found[0].parents[2]
+
+
+def limited_device_lib(library_dir: Path) -> Path:
+    """limited_device.cpp compiled against the patched ggml and linked to the libraries of library_dir
+    (rebuilt when the source is newer)."""
+    import hashlib
+    out = ROOT / "build" / "limited-device" / hashlib.sha1(str(library_dir).encode()).hexdigest()[:12] / "liblimited_device.so"
+    if not out.exists() or out.stat().st_mtime < LIMITED_DEVICE_SOURCE.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tree = patched_source_tree()
+        _run(["c++", "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}",
+              str(LIMITED_DEVICE_SOURCE), "-o", str(out), f"-L{library_dir}", f"-Wl,-rpath,{library_dir}",
+              "-lggml", "-lggml-base", "-lggml-cpu"], "building the limited device")
+    return out
 
 
 UNPATCHED_BUILD = ROOT / "build" / "unpatched"
@@ -87,13 +106,33 @@ def unpatched_lib_dir() -> Path:
     return library.parent
 
 
-# a process loads one libllama: the child imports the test module with SELFEXTEND_GGUF_LIB_PATH set
+# a process loads one libllama: the child imports the test module with SELFEXTEND_GGUF_LIB_PATH set, and with
+# SELFEXTEND_TEST_LIMITED_DEVICE=<library>:<flags> registers the limited device first
 _CHILD = """
 import importlib, json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import native_build
+native_build.register_limited_device()
 function = getattr(importlib.import_module(sys.argv[3]), sys.argv[4])
 print(json.dumps(function(*json.loads(sys.argv[5]))))
 """
+
+
+def limited_device_env(library_dir: Path, limited_device: str) -> dict:
+    """What a child bound to library_dir needs to run every layer on the limited device (a LIMITED_DEVICES key)."""
+    return {"SELFEXTEND_TEST_LIMITED_DEVICE": f"{limited_device_lib(library_dir)}:{LIMITED_DEVICES[limited_device]}",
+            "SELFEXTEND_TEST_N_GPU_LAYERS": "-1"}
+
+
+def register_limited_device() -> None:
+    """In a child: register the limited device that SELFEXTEND_TEST_LIMITED_DEVICE names, if any, before a model
+    is loaded."""
+    if os.environ.get("SELFEXTEND_TEST_LIMITED_DEVICE"):
+        import ctypes
+        from selfextend_gguf._native import load_llama_cpp
+        load_llama_cpp()  # ggml's libraries first: the device links to them
+        library, flags = os.environ["SELFEXTEND_TEST_LIMITED_DEVICE"].rsplit(":", 1)
+        ctypes.CDLL(library).limited_device_register(ctypes.c_uint(int(flags)))
 
 
 def library_env(library_dir: Path) -> dict:
@@ -103,10 +142,18 @@ def library_env(library_dir: Path) -> dict:
     return env
 
 
-def run_with_library(library_dir: Path, module: str, function: str, *args):
+def main_lib_dir() -> Path:
+    """The library this test session runs (SELFEXTEND_GGUF_LIB_PATH, or the installed package's)."""
+    from selfextend_gguf._native import lib_dir
+    return Path(lib_dir())
+
+
+def run_with_library(library_dir: Path, module: str, function: str, *args, limited_device: str | None = None):
     """function(*args) of tests/<module>.py in a child process bound to library_dir; the function
-    takes and returns JSON values."""
+    takes and returns JSON values. limited_device (a LIMITED_DEVICES key): every layer on that device."""
     env = library_env(library_dir)
+    if limited_device:
+        env.update(limited_device_env(library_dir, limited_device))
     done = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(ROOT / "tests"), module, function,
                            json.dumps(args)], capture_output=True, text=True, env=env)
     if done.returncode != 0:

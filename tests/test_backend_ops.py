@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from native_build import fallbacks_lib_dir, run_with_library
+from native_build import main_lib_dir, run_with_library
 from selfextend_gguf import Llama
 from selfextend_gguf._native import lib_dir, load_llama_cpp
+from selfextend_gguf.testing.parity import n_gpu_layers_for_tests
 
 llama_cpp = load_llama_cpp()
 
@@ -20,9 +21,9 @@ SELF_EXTEND_OPS = {"ROPE", "CONCAT", "ADD", "GET_ROWS", "SET_ROWS", "CPY", "CONT
 # and with flash attention on devices without ggml_flash_attn_ext_lse: K and V padded to the doubled head
 # size, one flash attention per layer; decode steps read the untransposed V with out_prod where the devices have it
 SELF_EXTEND_FLASH_OPS = SELF_EXTEND_OPS | {"PAD", "FLASH_ATTN_EXT", "OUT_PROD"}
-# on devices with it (the CPU, patch 0007): one flash attention per block of cells, each continuing the last
+# on devices with it (the CPU, patch 0004): one flash attention per block of cells, each continuing the last
 SELF_EXTEND_FLASH_LSE_OPS = SELF_EXTEND_OPS | {"FLASH_ATTN_EXT_LSE"}
-# without flash attention, on devices with it (the CPU, patch 0014): the blocks of scores written side by side
+# without flash attention, on devices with it (the CPU, patch 0008): the blocks of scores written side by side
 SELF_EXTEND_MUL_MAT_CONCAT_OPS = SELF_EXTEND_OPS | {"MUL_MAT_CONCAT"}
 
 
@@ -64,7 +65,7 @@ def layer_device():
 
 
 def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16, flash_attn=False, widths=None,
-              n_gpu_layers=0, nodes=None, shapes=None):
+              n_gpu_layers=None, nodes=None, shapes=None):
     """The ggml operation names of every node computed while evaluating n_tokens tokens.
     widths, a dict, gets the first dimensions of the nodes named "<name>-<layer>", by name;
     shapes, a dict, the shape (ne) of each node named "<name>-0" (layer 0) as computed, by name, in order.
@@ -93,7 +94,8 @@ def graph_ops(path, group_size, window, n_tokens, type_k=llama_cpp.GGML_TYPE_F16
         return False  # nothing to copy out
 
     llm = Llama(str(path), n_ctx=n_tokens + 8, n_batch=64, n_ubatch=64, verbose=False, type_k=type_k,
-                flash_attn=flash_attn, grp_attn_n=group_size, grp_attn_w=window, n_gpu_layers=n_gpu_layers)
+                flash_attn=flash_attn, grp_attn_n=group_size, grp_attn_w=window,
+                n_gpu_layers=n_gpu_layers_for_tests() if n_gpu_layers is None else n_gpu_layers)
     params = llm.context_params
     params.cb_eval = record
     ctx = llama_cpp.llama_init_from_model(llm.model, params)
@@ -131,7 +133,8 @@ def no_flash_graph(path) -> list:
 def test_devices_without_mul_mat_concat_join_the_blocks_with_concat(tiny_f32_gguf):
     """A build that takes the paths of devices without ggml_mul_mat_concat (CUDA, Metal, Vulkan) joins
     the blocks of scores with CONCAT, which every backend has, and adds nothing else undocumented."""
-    ops = set(run_with_library(fallbacks_lib_dir("ON"), "test_backend_ops", "no_flash_graph", str(tiny_f32_gguf)))
+    ops = set(run_with_library(main_lib_dir(), "test_backend_ops", "no_flash_graph", str(tiny_f32_gguf),
+                               limited_device="fallbacks"))
     assert "CONCAT" in ops and "MUL_MAT_CONCAT" not in ops
     assert ops <= graph_ops(tiny_f32_gguf, 1, None, 192) | SELF_EXTEND_OPS
 
@@ -184,11 +187,12 @@ def flash_graph(path) -> dict:
 
 @pytest.fixture(scope="module")
 def flash_graphs(tiny_f32_gguf):
-    """The paths of devices without ggml_flash_attn_ext_lse, from builds that take them everywhere
-    (native_build.fallbacks_lib_dir): "no_flash_lse", with out_prod and flash attention of two head sizes
+    """The paths of devices without ggml_flash_attn_ext_lse, every layer on a device without it
+    (native_build.LIMITED_DEVICES): "no_flash_lse", with out_prod and flash attention of two head sizes
     (as the CPU has them); "fallbacks", without those either."""
-    return {paths: run_with_library(fallbacks_lib_dir(which), "test_backend_ops", "flash_graph", str(tiny_f32_gguf))
-            for paths, which in (("no_flash_lse", "NO_FLASH_LSE"), ("fallbacks", "ON"))}
+    return {paths: run_with_library(main_lib_dir(), "test_backend_ops", "flash_graph", str(tiny_f32_gguf),
+                                    limited_device=paths)
+            for paths in ("no_flash_lse", "fallbacks")}
 
 
 @pytest.mark.parametrize("paths", ["no_flash_lse", "fallbacks"])

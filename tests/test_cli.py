@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selfextend_gguf.gguf_info import ModelInfo
 from selfextend_gguf.testing.cli import cli_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,22 +59,41 @@ def test_run_streams_the_answer_to_stdout_and_reports_on_stderr(tiny_f32_gguf, d
     assert "Self-Extend G=16, W=16" in result.stderr and "read long.txt" in result.stderr
 
 
+def model_info(n_ctx_train: int, sliding_window: int | None = None, architecture: str = "llama") -> ModelInfo:
+    """What plan_context reads of a model file, without one."""
+    return ModelInfo(path=Path(f"{architecture}.gguf"), architecture=architecture, n_ctx_train=n_ctx_train,
+                     rope_freq_base=None, rope_scaling_type=None, rope_dimension_count=None, file_type=None,
+                     size_bytes=0, sliding_window=sliding_window)
+
+
 def test_plan_context_sizes_and_chooses():
     from selfextend_gguf.chat import SetupError, plan_context
     from selfextend_gguf.settings import SelfExtend, max_context
-    assert plan_context(6000, 8192).self_extend == SelfExtend()          # fits: Self-Extend off
-    plan = plan_context(14000, 8192)
+    model = model_info(8192)
+    assert plan_context(6000, model).self_extend == SelfExtend()          # fits: Self-Extend off
+    plan = plan_context(14000, model)
     assert plan.n_ctx == 14000 and plan.self_extend == SelfExtend(3, 1024) and plan.reach >= 14000
-    assert plan_context(14000, 8192, grp_attn_w=512).self_extend == SelfExtend(3, 512)
-    assert plan_context(14000, 8192, n_ctx=20000).n_ctx == 20000
+    assert plan_context(14000, model, grp_attn_w=512).self_extend == SelfExtend(3, 512)
+    assert plan_context(14000, model, n_ctx=20000).n_ctx == 20000
     with pytest.raises(SetupError, match=r"--grp-attn-n 3 reaches it"):
-        plan_context(16000, 8192, grp_attn_n=2)                           # G=2 reaches 15,360
+        plan_context(16000, model, grp_attn_n=2)                           # G=2 reaches 15,360
     assert max_context(8192, SelfExtend(3, 1024)) >= 16000
     # the hint's G is for the window the model allows: at least its sliding window (W=2048 needs G=3)
     with pytest.raises(SetupError, match=r"--grp-attn-n 2 reaches it"):
-        plan_context(15000, 8192, grp_attn_n=1)
+        plan_context(15000, model, grp_attn_n=1)
     with pytest.raises(SetupError, match=r"--grp-attn-n 3 reaches it"):
-        plan_context(15000, 8192, grp_attn_n=1, sliding_window=2048)
+        plan_context(15000, model_info(8192, sliding_window=2048), grp_attn_n=1)
+
+
+def test_plan_context_refuses_an_architecture_in_the_clis_spelling():
+    from selfextend_gguf.chat import SetupError, plan_context
+    mamba = model_info(8192, architecture="mamba")
+    with pytest.raises(SetupError, match=r"architecture mamba has a recurrent .*Run it without Self-Extend "
+                                         r"\(--grp-attn-n 1\)$"):
+        plan_context(14000, mamba)                                           # auto turns it on
+    with pytest.raises(SetupError, match=r"\(--grp-attn-n 1\)$"):
+        plan_context(6000, mamba, grp_attn_n=4)                              # asked for
+    assert plan_context(6000, mamba).self_extend.group_size == 1             # auto, not needed: it runs
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfextend_gguf.evaluate import harness, names, prompts
+from selfextend_gguf.evaluate import harness, names, prompts, results_file
 from selfextend_gguf.reference import positions
 
 LENGTH = 512      # 8x the tiny model's trained context of 64 tokens
@@ -269,7 +269,7 @@ def test_real_sweep_json_shape_report_and_plots(tiny_f32_gguf, haystack_file, tm
     measurer = harness.Measurer(tiny_f32_gguf, n_threads=1, haystack=haystack_file, ppl_last=16, n_batch=64)
     run = harness.sweep(cells, out, tiny_f32_gguf, show_progress=False, measurer=measurer)
     saved = json.loads(out.read_text())
-    assert saved == json.loads(json.dumps(run)) and saved["version"] == harness.FORMAT_VERSION
+    assert saved == json.loads(json.dumps(run)) and saved["version"] == results_file.FORMAT_VERSION
     assert saved["n_ctx_train"] == 64 and saved["runs"][0]["model"] == str(tiny_f32_gguf)
     results = saved["results"]
     assert set(results) == {c.key for c in cells}
@@ -289,8 +289,7 @@ def test_real_sweep_json_shape_report_and_plots(tiny_f32_gguf, haystack_file, tm
     report = harness.markdown(saved)
     assert "### passkey" in report and "### needle" in report and "### perplexity" in report
     assert "### throughput" in report and "| exact-auto |" in report
-    pytest.importorskip("matplotlib")
-    from selfextend_gguf.evaluate import plots
+    from selfextend_gguf.evaluate import plots  # matplotlib: the test extra's
     written = plots.write_all(saved, tmp_path / "plots", prefix="run")
     assert sorted(p.name for p in written) == ["run_needle.png", "run_passkey.png", "run_perplexity.png",
                                                "run_throughput.png"]
@@ -315,7 +314,7 @@ def test_command_line_runs_resumes_and_reports(tiny_f32_gguf, haystack_file, tmp
 def test_command_line_names_a_missing_or_corrupt_results_file(tmp_path, capsys):
     from selfextend_gguf.evaluate import command as cli
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"version": harness.FORMAT_VERSION, "runs": [], "results": {}}))
+    good.write_text(json.dumps({"version": results_file.FORMAT_VERSION, "runs": [], "results": {}}))
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"version": 1, "results": {')   # a sweep's file cut short
     cases = {  # argv -> what the error must name

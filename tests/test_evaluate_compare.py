@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from selfextend_gguf.evaluate import compare, harness, plots
+from selfextend_gguf.evaluate import compare, harness, plots, results_file
 
 N_TRAIN = 8192
 LENGTH = 16384   # 2x: exact-auto resolves to G=4 W=1024 here
@@ -87,7 +87,7 @@ def test_better_of_counts_shared_cells_and_refuses_disjoint_grids():
 
 
 def _write(path, results):
-    run = {"version": harness.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
+    run = {"version": results_file.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
     path.write_text(json.dumps(run))
     return str(path)
 
@@ -113,7 +113,7 @@ def test_command_line_better_of_and_gw(tmp_path):
 def test_report_and_plot_carry_the_sweep(tmp_path):
     results = results_of(*(cell(m, d, 0, d < 0.5) for m in ("exact-auto", "exact-g8-w1024", "exact-g4-w512")
                            for d in (0.0, 0.4, 0.8)))
-    run = {"version": harness.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
+    run = {"version": results_file.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
     assert "### G/W sensitivity, passkey at 16384 tokens" in harness.markdown(run)
     written = plots.write_all(run, tmp_path, prefix="r")
     assert tmp_path / "r_gw.png" in written and (tmp_path / "r_gw.png").stat().st_size > 10_000
@@ -124,6 +124,6 @@ def test_report_of_a_sweep_without_exact_auto_chunked_or_yarn():
     results = results_of(*(cell(m, d, 0, d < 0.5) for m in ("exact-g3-w1024", "exact-g6-w1024")
                            for d in (0.0, 0.4, 0.8)))
     assert compare.against_table(results, [], LENGTH) == ""
-    run = {"version": harness.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
+    run = {"version": results_file.FORMAT_VERSION, "runs": [], "results": results, "n_ctx_train": N_TRAIN}
     report = harness.markdown(run)
     assert "against the others" not in report and "exact-g3-w1024" in report

@@ -1,4 +1,4 @@
-"""Exact rewinds (patch 0016): a context that is rewound (seq_rm of its tail), reused, restored from a
+"""Exact rewinds (patch 0009, llama-self-extend.h): a context that is rewound (seq_rm of its tail), reused, restored from a
 state or copied to another sequence holds, bit for bit, what a fresh context fed the same tokens the
 same way holds, as plain llama.cpp does. Self-Extend groups a cell by rotating its normal K once; the
 normal K of the most recently grouped cells is kept (Llama(grp_attn_rewind=N), llama-server's
@@ -13,6 +13,7 @@ parity tolerance of the float64 reference (F32 cache)."""
 import numpy as np
 import pytest
 
+from selfextend_gguf._native import LLAMA_SELF_EXTEND_OK, llama_set_self_extend
 from selfextend_gguf.testing.parity import TOLERANCE, llama_cpp, random_tokens, reference_logits, tiny_llama
 
 F16, Q8_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
@@ -112,7 +113,7 @@ def test_two_sequences_rewound_together(tiny_hd64_gguf, unified):
         ctx = llama_cpp.llama_init_from_model(base.model, params)
         batch = llama_cpp.llama_batch_init(64, 0, 2)
         try:
-            assert base._lib.llama_set_self_extend(ctx, G, W) == 0
+            assert llama_set_self_extend(ctx, G, W) == LLAMA_SELF_EXTEND_OK
             mem = llama_cpp.llama_get_memory(ctx)
 
             def decode(items):  # items: (token, pos, seq)

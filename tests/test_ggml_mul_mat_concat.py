@@ -1,4 +1,4 @@
-"""ggml_mul_mat_concat (patch 0014), the op that writes Self-Extend's blocks of scores side by side without
+"""ggml_mul_mat_concat (patch 0008), the op that writes Self-Extend's blocks of scores side by side without
 joining them: on the CPU it must give exactly the bytes of its products joined by ggml_concat, for every
 type a KV cache's K takes, for queries that are views (the heads of a chunk, permuted) and for K heads
 shared by several query heads, with one thread and with several (they share the work buffer and the

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from native_build import fallbacks_lib_dir, run_with_library
+from native_build import main_lib_dir, run_with_library
 from selfextend_gguf.testing.parity import (MATTERS, TOLERANCE, fitting_length, llama_cpp, random_tokens,
                                             reference_logits, tiny_llama)
 
@@ -45,26 +45,26 @@ def flash_attention_logits(path, tokens, group_size, window, n_ubatch) -> list:
 def test_flash_attention_matches_reference(tiny_f32_gguf, tiny_reference, group_size, window, n_ubatch,
                                            device_paths):
     """flash_attn=True, prefill ubatches, then the last 20 tokens as single-token decode steps.
-    "cpu": one ggml_flash_attn_ext_lse per block of cells, merged by log-sum-exp (patch 0008), for
-    prefill and decode alike. The other two run builds that take the paths of devices without it
-    (native_build.fallbacks_lib_dir), in a child process: "no_flash_lse", prefill through one flash
-    attention over the doubled head size with V at its own size (patch 0003), decode steps read V
-    with out_prod; "fallbacks", V padded to the doubled head size and transposed for decode steps."""
+    "cpu": one ggml_flash_attn_ext_lse per block of cells, merged by log-sum-exp, for prefill and decode
+    alike. The other two run, in a child process, with every layer on a device without it
+    (native_build.LIMITED_DEVICES: the CPU's kernels behind a device that refuses some operations):
+    "no_flash_lse", prefill through one flash attention over the doubled head size with V at its own
+    size, decode steps read V with out_prod; "fallbacks", V padded to the doubled head size and
+    transposed for decode steps."""
     n = fitting_length(group_size, window)
     tokens = random_tokens(n, seed=group_size)
     args = (str(tiny_f32_gguf), tokens, group_size, window, n_ubatch)
     if device_paths == "cpu":
         logits = flash_attention_logits(*args)
     else:
-        library = fallbacks_lib_dir({"no_flash_lse": "NO_FLASH_LSE", "fallbacks": "ON"}[device_paths])
-        logits = run_with_library(library, "test_parity", "flash_attention_logits", *args)
+        logits = run_with_library(main_lib_dir(), "test_parity", "flash_attention_logits", *args, limited_device=device_paths)
     error = np.abs(np.asarray(logits) - reference_logits(tiny_reference, tokens, group_size, window)).max()
     assert error <= TOLERANCE, f"G={group_size} W={window} n={n}: max |diff| {error:.2e}"
 
 
 def test_flash_attention_over_long_blocks_matches_reference(tiny_f32_gguf, tiny_reference):
     """900 tokens with W = 40: decode steps see a block of over 512 grouped cells, which ggml's CPU
-    flash attention splits across threads (its split-KV path, whose partial results patch 0007 merges
+    flash attention splits across threads (its split-KV path, whose partial results patch 0004 merges
     into the log-sum-exp); prefill ubatches of 64 take its tiled path."""
     group_size, window = 36, 40
     tokens = random_tokens(fitting_length(group_size, window, cap=900), seed=12)

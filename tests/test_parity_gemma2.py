@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from native_build import fallbacks_lib_dir, run_with_library
+from native_build import main_lib_dir, run_with_library
 from selfextend_gguf.reference import ReferenceModel
 from selfextend_gguf.testing.parity import MATTERS, TOLERANCE, fitting_length, random_tokens, reference_logits, tiny_llama
 
@@ -44,12 +44,12 @@ def test_flash_attention_soft_caps_every_block(tiny_gemma2_gguf, group_size, win
     check_flash(flash_errors(tiny_gemma2_gguf, group_size, window, swa_full), group_size, window, swa_full)
 
 
-@pytest.mark.parametrize("which", ["NO_FLASH_LSE", "ON"])
+@pytest.mark.parametrize("which", ["no_flash_lse", "fallbacks"])
 def test_flash_attention_fallbacks_soft_cap_every_block(tiny_gemma2_gguf, which):
-    """The doubled head size (devices without ggml_flash_attn_ext_lse) and, with ON, every other
-    fallback of the patch."""
-    errors = run_with_library(fallbacks_lib_dir(which), "test_parity_gemma2", "flash_errors",
-                              str(tiny_gemma2_gguf), 3, 10, False)
+    """The doubled head size (devices without ggml_flash_attn_ext_lse) and, on "fallbacks", every other
+    path of devices without Self-Extend's faster operations (native_build.LIMITED_DEVICES)."""
+    errors = run_with_library(main_lib_dir(), "test_parity_gemma2", "flash_errors",
+                              str(tiny_gemma2_gguf), 3, 10, False, limited_device=which)
     check_flash(errors, 3, 10, False)
 
 

@@ -7,7 +7,7 @@ The chunked test replays upstream llama-completion's Self-Extend loop (tools/com
 with the real llama_memory_seq_add / llama_memory_seq_div and compares with the reference
 "chunked" mode. The pinned llama.cpp records the K-shift of seq_div with the wrong sign
 (src/llama-kv-cells.h, pos_div: `shift[i] += p_old - pos[i]`), so stock llama.cpp matches the
-reference with pos_div_sign_bug=True; patch 0009 fixes that line, and the patched library matches
+reference with pos_div_sign_bug=True; patch 0001 fixes that line, and the patched library matches
 pos_div_sign_bug=False (upstream's approximation as designed) and clearly differs from the bug.
 """
 import numpy as np
@@ -108,7 +108,7 @@ def chunked_logits(path, tokens, G, W, n_batch) -> list:
 
 def test_stock_llama_cpp_has_the_pos_div_sign_bug(tiny_f32_gguf, tiny_reference):
     """The same loop on an unpatched build matches the reference's pos_div_sign_bug=True: the
-    difference above is patch 0009's."""
+    difference above is patch 0001's."""
     from native_build import run_with_library, unpatched_lib_dir
     G, W, n_batch = 4, 16, 1
     tokens = torch.randint(0, 317, (150,), generator=torch.Generator().manual_seed(8)).tolist()

@@ -17,7 +17,7 @@ import torch
 
 from selfextend_gguf.gguf_info import read_model_info
 from selfextend_gguf.reference import ARCHITECTURES
-from selfextend_gguf.settings import SelfExtend, check_model
+from selfextend_gguf.settings import SelfExtend, decide
 
 
 def field(reader, key):
@@ -45,7 +45,7 @@ def test_tiny_qwen3_fixture(tmp_path, tiny_gguf_paths, tiny_qwen3_gguf, tiny_qwe
     assert not any(hp.swa_layers) and hp.final_logit_softcapping == 0
     make_tiny_gguf.main([str(tmp_path / "qwen3.gguf"), "--arch", "qwen3"])
     assert (tmp_path / "qwen3.gguf").read_bytes() == tiny_qwen3_gguf.read_bytes()
-    check_model(SelfExtend(4, 16), read_model_info(tiny_qwen3_gguf))  # the CLI's check accepts qwen3
+    assert decide(read_model_info(tiny_qwen3_gguf), 4, 16, 200) == SelfExtend(4, 16)  # not refused
 
 
 def test_parity_would_notice_a_reference_without_qwen3s_pieces(tiny_qwen3_gguf, tiny_qwen3_reference):

@@ -1,12 +1,15 @@
-"""One G/W resolver (settings.resolve): the Python API, the CLI's `info` and `serve` choose the same G
-and W for the same request, on real model files (tiny random GGUFs with the trained context and the
-sliding window of each case)."""
+"""One G/W decision (settings.decide, with settings.resolve's rule): the Python API, the CLI's `info`
+and `serve` choose the same G and W for the same request, on real model files (tiny random GGUFs with
+the trained context and the sliding window of each case), and word their errors in their own spelling."""
 import argparse
+import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from selfextend_gguf import settings
+from selfextend_gguf.gguf_info import ModelInfo
 
 # (n_ctx, trained context L, --grp-attn-w or None, sliding window or None)
 CASES = [
@@ -92,10 +95,26 @@ def test_errors_name_the_callers_settings():
     with pytest.raises(settings.BeyondReach, match=r"n_ctx=1000 is beyond what grp_attn_n=2, grp_attn_w=16 reach"):
         settings.resolve(2, 16, 1000, 64)
     with pytest.raises(settings.BeyondReach, match=r"--ctx 1000 is beyond what --grp-attn-n 2, --grp-attn-w 16 reach"):
-        settings.resolve(2, 16, 1000, 64, names=settings.CLI)
+        settings.resolve(2, 16, 1000, 64, spelling=settings.CLI)
     with pytest.raises(ValueError, match=r"^--grp-attn-w 64 must be smaller than the model's trained context"):
-        settings.resolve(4, 64, 100, 64, names=settings.CLI)
+        settings.resolve(4, 64, 100, 64, spelling=settings.CLI)
     # Self-Extend off past the trained context: allowed by the API (it warns), refused by the CLI
     assert settings.resolve(1, None, 100, 64) == settings.SelfExtend()
     with pytest.raises(settings.BeyondReach, match=r"--ctx 100 is longer than the model's trained context"):
-        settings.resolve(1, None, 100, 64, names=settings.CLI, strict=True)
+        settings.resolve(1, None, 100, 64, spelling=settings.CLI, strict=True)
+
+
+def test_decide_refuses_a_model_in_the_callers_spelling():
+    mamba = ModelInfo(Path("mamba.gguf"), "mamba", n_ctx_train=8192, rope_freq_base=None, rope_scaling_type=None,
+                      rope_dimension_count=None, file_type=None, size_bytes=0)
+    with pytest.raises(ValueError, match=r"architecture mamba has a recurrent .*\(grp_attn_n=1\)$"):
+        settings.decide(mamba, 4, None, 4096)
+    with pytest.raises(ValueError, match=r"architecture mamba has a recurrent .*\(--grp-attn-n 1\)$"):
+        settings.decide(mamba, "auto", None, 16384, spelling=settings.CLI, strict=True)  # auto turns it on
+    assert settings.decide(mamba, "auto", None, 4096) == settings.SelfExtend()  # off: the model runs as it is
+    yarn = dataclasses.replace(mamba, path=Path("yarn.gguf"), architecture="llama", rope_scaling_type="yarn")
+    with pytest.raises(ValueError, match=r"YaRN RoPE scaling.*\(--grp-attn-n 1\)"):
+        settings.decide(yarn, 4, None, 4096, spelling=settings.CLI)
+    # the model is refused before any setting is checked against it
+    with pytest.raises(ValueError, match=r"^Self-Extend cannot run on mamba.gguf"):
+        settings.decide(mamba, 2, 8192, 100000)

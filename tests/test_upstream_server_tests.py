@@ -1,7 +1,7 @@
 """llama.cpp's own llama-server tests (tools/server/tests in the pinned sdist), run against this
 project's llama-server with Self-Extend on (SmolLM2, --grp-attn-n 4 --grp-attn-w 8): the tests that
 compare two answers of one server to one input. They pass with Self-Extend off; with it on they
-failed before exact rewinds (patch 0016): the second request reuses the cached prompt, whose grouped
+failed before exact rewinds (patch 0009): the second request reuses the cached prompt, whose grouped
 cells used to be rotated back with one more rounding of their K.
 
 The upstream files are taken from the sdist unchanged; only their model preset is replaced by a

@@ -18,10 +18,13 @@ does not skip).
 - parity: the parity files (llama, qwen2, qwen3, gemma2, gemma3, phi2, phi3, SmolLM2; prefill in small
   ubatches, token-by-token decode, rewind, two sequences, states, regroup, flash attention on and off,
   every KV type, exact rewinds) run again in a child pytest bound to this build, every layer on the
-  device, with the bar fitted to the device: Self-Extend's error at most twice the largest error of
-  the device with Self-Extend off (the CPU's 1e-3 where that is larger); the files with their own
-  relative bars (KV types, SmolLM2's KL) keep them;
-- G = 1 on Vulkan against the unpatched Vulkan build (build/vulkan-unpatched: patch 0011 only).
+  device. Case by case (test_parity_architectures.py's per-case test: every architecture, flash
+  attention off and on; test_parity_kv_types.py: every KV type; test_parity_smollm2.py: SmolLM2's KL),
+  Self-Extend's error is at most twice the same case's error with Self-Extend off on the device (plus
+  the CPU's 1e-3); the figures go to build/vulkan-parity.txt. The other parity tests (rewinds, states,
+  two sequences, regroup) compare against the reference with a bar fitted to the device: twice its
+  largest error with Self-Extend off;
+- G = 1 on Vulkan against the unpatched Vulkan build (build/vulkan-unpatched: patch 0006 only).
 """
 import os
 import re
@@ -204,17 +207,19 @@ def test_parity_suite_on_the_device(vulkan_bin_dir, device_tolerance, tmp_path):
     junit = tmp_path / "parity.xml"
     env = dict(library_env(vulkan_bin_dir), SELFEXTEND_TEST_N_GPU_LAYERS="-1",
                SELFEXTEND_TEST_TOLERANCE=repr(device_tolerance))  # GGML_VK_VISIBLE_DEVICES: set by vulkan_bin_dir
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", f"--junitxml={junit}",
                            *PARITY_FILES, "-k", PARITY_DESELECT], cwd=ROOT, env=env, capture_output=True, text=True)
     summary = ElementTree.parse(junit).getroot()
     suite = summary if summary.tag == "testsuite" else summary.find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
     line = f"parity on Vulkan (llvmpipe), bar {device_tolerance:.2e}: {counts}"
-    print(line)
-    (ROOT / "build" / "vulkan-parity.txt").write_text(line + "\n")  # .ci/run prints it
+    per_case = sorted({l for l in done.stdout.splitlines() if l.startswith(("per case:", "SmolLM2 ")) or "max |diff|" in l and "->" in l})
+    print(line, *per_case, sep="\n")
+    (ROOT / "build" / "vulkan-parity.txt").write_text("\n".join([line, *per_case]) + "\n")  # .ci/run prints it
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     assert counts["failures"] == counts["errors"] == counts["skipped"] == 0
     assert counts["tests"] >= 60, counts  # the suite ran, not a handful of it
+    assert sum(l.startswith("per case:") for l in per_case) == 12, per_case  # 6 architectures, flash off and on
 
 
 def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):

@@ -64,12 +64,12 @@ def main(argv=None) -> int:
         parser.error(f"no results file {', '.join(missing)}: --merge and --report-only --out read the JSON "
                      "files of earlier sweeps; check the path")
 
-    from . import harness, plots
+    from . import harness, plots, results_file
 
     out = Path(args.out)
     try:   # a corrupt file stops the run before it measures anything
-        earlier = harness.load_run(out)
-        merged_runs = [harness.load_run(Path(p)) for p in args.merge]
+        earlier = results_file.load_run(out)
+        merged_runs = [results_file.load_run(Path(p)) for p in args.merge]
     except ValueError as error:
         parser.error(str(error))
     if not args.report_only:
@@ -95,16 +95,16 @@ def main(argv=None) -> int:
                             ppl_last=args.ppl_last, command=command, show_progress=not args.no_progress)
     else:
         run = earlier
-    run = harness.merge([run] + merged_runs)
+    run = results_file.merge([run] + merged_runs)
 
     md_path = Path(args.markdown) if args.markdown else out.with_suffix(".md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(harness.markdown(run))
     try:
         written = plots.write_all(run, Path(args.plots) if args.plots else out.parent, prefix=md_path.stem)
-    except ImportError:
+    except plots.MatplotlibMissing as missing:
         written = []
-        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        print(f"no plots: {missing}", file=sys.stderr)
     merged = f" and {len(args.merge)} merged file(s)" if args.merge else ""
     print(f"{len(run['results'])} cells in {out}{merged}; table: {md_path}; plots: {', '.join(map(str, written)) or 'none'}")
     return 0

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .. import settings
-from . import names
+from . import names, results_file
 
 
 def _cells(results, task, length) -> dict:
@@ -160,8 +160,7 @@ def sensitivity_table(results, length, n_ctx_train, task="passkey") -> str:
 # ---------------------------------------------------------------------- command line
 
 def _load(paths) -> tuple:
-    from . import harness
-    run = harness.merge([harness.load_run(Path(p)) for p in paths])
+    run = results_file.merge([results_file.load_run(Path(p)) for p in paths])
     return run["results"], run.get("n_ctx_train")
 
 

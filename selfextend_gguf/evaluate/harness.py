@@ -1,4 +1,4 @@
-"""The sweep runner: cells -> one resumable JSON file -> a Markdown report.
+"""The sweep runner: cells -> one resumable JSON file (results_file.py) -> a Markdown report.
 
 A cell is one measurement: (task, method, length, depth, seed, flash_attn). Its result is
 written to the JSON file as soon as it is measured (atomic replace), under a key naming the
@@ -10,7 +10,6 @@ cell, so a killed sweep started again with the same file skips what is done.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -20,12 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import compare, names, prompts, timing
+from .results_file import load_run, save_run
 
 TASKS = ("passkey", "needle", "perplexity", "throughput")
 ANSWER_TOKENS = 10
 DECODE_TOKENS = 32    # tokens timed for decode throughput
 PPL_TEXT_END = 4       # perplexity scores the text tokens before 4 x the trained context
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -82,27 +81,6 @@ def machine_description() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, "
             f"load average {load:.1f} at start")
-
-
-def load_run(path: Path) -> dict:
-    if path.exists():
-        try:
-            run = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a results JSON file ({error}); restore it from git or remove it "
-                             "to measure again") from None
-        if not isinstance(run, dict) or run.get("version") != FORMAT_VERSION:
-            found = run.get("version") if isinstance(run, dict) else None
-            raise ValueError(f"{path} has format version {found}, expected {FORMAT_VERSION}")
-        return run
-    return {"version": FORMAT_VERSION, "runs": [], "results": {}}
-
-
-def save_run(path: Path, run: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(run, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- measuring one cell
@@ -360,13 +338,3 @@ def markdown(run: dict) -> str:
              perplexity_table(results), throughput_table(results),
              "### cells that could not run\n\n" + "\n".join(errors) + "\n" if errors else ""]
     return "\n".join(p for p in parts if p)
-
-
-def merge(runs) -> dict:
-    """One run dict holding the results (and run records) of several."""
-    merged = {"version": FORMAT_VERSION, "runs": [], "results": {}}
-    for run in runs:
-        merged["runs"] += run["runs"]
-        merged["results"].update(run["results"])
-        merged.setdefault("n_ctx_train", run.get("n_ctx_train"))
-    return merged

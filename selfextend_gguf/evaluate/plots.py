@@ -1,6 +1,6 @@
 """PNG plots of a run: accuracy heatmaps (depth x length, one panel per method), accuracy
 against G and W, perplexity against length, throughput against filled context. matplotlib,
-headless (Agg)."""
+headless (Agg), imported only when a plot is drawn: it is the `eval` extra's, not the runtime's."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -10,8 +10,18 @@ from . import compare
 from .harness import _grouped, _k
 
 
+INSTALL_HINT = 'pip install "selfextend-gguf[eval]"'
+
+
+class MatplotlibMissing(ImportError):
+    """A plot was asked for where matplotlib is not installed."""
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise MatplotlibMissing(f"the evaluation's plots need matplotlib: {INSTALL_HINT}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

