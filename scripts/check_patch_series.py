@@ -8,7 +8,8 @@ removed per file, and how many of them lie in llama.cpp's existing files), and i
     counters (COUNTERS), which every patch that adds an op bumps.
 With --build it extracts the pinned sdist's llama.cpp (the hash-checked copy that the main build keeps
 in build/py3-none-linux_x86_64/_deps, or --sdist), applies the patches one at a time and builds
-libllama and llama.cpp's programs after each: every prefix of the series must build.
+libllama after each (and llama.cpp's programs after the patches that touch them, and at the end):
+every prefix of the series must build. ggml-vulkan is not built (patch 0006 is the Vulkan check's).
 
     python scripts/check_patch_series.py                 # the counts and the two rules (seconds)
     python scripts/check_patch_series.py --build         # and every prefix builds (long: one build per patch)
@@ -121,13 +122,17 @@ def build_prefixes(patches: list[Path], sdist: Path, work: Path) -> None:
     env = dict(os.environ, CCACHE_BASEDIR=str(work))
     subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-G", "Ninja", *CMAKE_FLAGS], check=True, env=env,
                    stdout=subprocess.DEVNULL)
-    for patch in patches:
-        subprocess.run(["patch", "-p1", "--fuzz=0", "--quiet", "-i", str(patch)], cwd=tree, check=True)
-        done = subprocess.run(["cmake", "--build", str(build), "--target", *BUILD_TARGETS], env=env,
+    for i, patch in enumerate(patches):
+        subprocess.run(["patch", "-p1", "--fuzz=0", "--quiet", "--no-backup-if-mismatch", "-i", str(patch)], cwd=tree,
+                       check=True)
+        # libllama after every patch; the programs after those that touch them, and at the end
+        touches_programs = any(name.startswith(("tools/", "common/")) for name in parse_patch(patch.read_text()))
+        targets = BUILD_TARGETS if touches_programs or i == len(patches) - 1 else BUILD_TARGETS[:1]
+        done = subprocess.run(["cmake", "--build", str(build), "--target", *targets], env=env,
                               capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"the series up to {patch.name} does not build:\n{(done.stdout + done.stderr)[-4000:]}")
-        print(f"builds: up to {patch.name}", flush=True)
+        print(f"builds: up to {patch.name} ({', '.join(targets)})", flush=True)
 
 
 def main() -> None:
