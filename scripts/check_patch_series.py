@@ -86,10 +86,10 @@ def audit(patches: list[Path]) -> tuple[list[dict], list[str]]:
                 created.add(name)
             new = name in created  # a file of the series, not of llama.cpp
             for removed, added in hunks:
+                lines = realigned(removed, added)
                 if whitespace_only(removed, added):
                     problems.append(f"{patch.name}: a hunk of {name} changes only whitespace")
-                elif realigned(removed, added):
-                    lines = realigned(removed, added)
+                elif lines:
                     problems.append(f"{patch.name}: {len(lines)} lines of {name} change only their whitespace, "
                                     f"e.g. {lines[0].strip()[:60]}")
                 for line in removed:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from native_build import main_lib_dir, run_with_library
-from selfextend_gguf.testing.parity import (MATTERS, TOLERANCE, fitting_length, llama_cpp, random_tokens,
-                                            reference_logits, tiny_llama)
+from selfextend_gguf.testing.parity import (MATTERS, TOLERANCE, fitting_length, llama_cpp, prefill_then_decode,
+                                            random_tokens, reference_logits, tiny_llama)
 
 
 def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_reference):
@@ -32,12 +32,8 @@ def test_long_context_across_cell_pages_matches_reference(tiny_f32_gguf, tiny_re
 
 def flash_attention_logits(path, tokens, group_size, window, n_ubatch) -> list:
     """Logits with flash attention: prefill ubatches, then the last 20 tokens one at a time."""
-    n = len(tokens)
-    llm = tiny_llama(path, n, group_size, window, n_batch=96, n_ubatch=n_ubatch, flash_attn=True)
-    llm.eval(tokens[:n - 20])
-    for token in tokens[n - 20:]:
-        llm.eval([token])
-    return np.asarray(llm.scores[:n]).tolist()
+    llm = tiny_llama(path, len(tokens), group_size, window, n_batch=96, n_ubatch=n_ubatch, flash_attn=True)
+    return prefill_then_decode(llm, tokens, 20).tolist()
 
 
 @pytest.mark.parametrize("device_paths", ["cpu", "no_flash_lse", "fallbacks"])
@@ -88,11 +84,9 @@ def test_rope_scaling_in_the_gguf_composes(tmp_path, make_tiny_gguf):
     n = fitting_length(group_size, window)
     tokens = random_tokens(n, seed=11)
     llm = tiny_llama(path, n, group_size, window, n_batch=64, n_ubatch=32)
-    llm.eval(tokens[:n - 20])
-    for token in tokens[n - 20:]:
-        llm.eval([token])
+    logits = prefill_then_decode(llm, tokens, 20)
     expected = reference_logits(reference, tokens, group_size, window)
-    error = np.abs(np.asarray(llm.scores[:n]) - expected).max()
+    error = np.abs(logits - expected).max()
     assert error <= TOLERANCE, f"max |diff| {error:.2e}"
     unscaled = ReferenceModel.from_gguf(make_tiny_gguf.write_tiny_llama(tmp_path / "plain.gguf", weight_type="f32"),
                                         dtype=torch.float64)

@@ -22,8 +22,8 @@ without flash attention (heads of 32: another head size than the llama fixture's
 import numpy as np
 import pytest
 
-from selfextend_gguf.testing.parity import (MATTERS, TOLERANCE, fitting_length, noise_bar, random_tokens,
-                                            reference_logits, tiny_llama)
+from selfextend_gguf.testing.parity import (MATTERS, TOLERANCE, fitting_length, noise_bar, prefill_then_decode,
+                                            random_tokens, reference_logits, tiny_llama)
 
 # per architecture: the (G, W) of the prefill and decode cases (odd G with W not a multiple of it,
 # W below and above a ubatch; gemma3's W >= n_swa), the decode length cap, the vanilla length,
@@ -108,10 +108,7 @@ def test_token_by_token_decode_matches_reference(request, arch, group_size, wind
 def prefill_then_decode_logits(path, tokens, group_size, window, flash_attn, kwargs) -> np.ndarray:
     """Prefill in ubatches of 32, then the last 20 tokens one llama_decode each."""
     llm = tiny_llama(path, len(tokens), group_size, window, n_batch=64, n_ubatch=32, flash_attn=flash_attn, **kwargs)
-    llm.eval(tokens[:-20])
-    for token in tokens[-20:]:
-        llm.eval([token])
-    return np.asarray(llm.scores[:len(tokens)])
+    return prefill_then_decode(llm, tokens, 20)
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no_flash", "flash"])

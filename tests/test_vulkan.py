@@ -114,27 +114,21 @@ def vanilla_logits(path, n_tokens) -> list:
     layer on the device: prefill ubatches, then 16 single-token steps."""
     os.environ["LLAMA_CPP_LIB_PATH"] = os.environ["SELFEXTEND_GGUF_LIB_PATH"]
     import llama_cpp
-    from selfextend_gguf.testing.parity import random_tokens
+    from selfextend_gguf.testing.parity import prefill_then_decode, random_tokens
     tokens = random_tokens(n_tokens, seed=3)
     llm = llama_cpp.Llama(path, n_ctx=n_tokens + 8, n_batch=64, n_ubatch=32, logits_all=True, n_gpu_layers=-1,
                           n_threads=2, n_threads_batch=2, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False)
-    llm.eval(tokens[:-16])
-    for token in tokens[-16:]:
-        llm.eval([token])
-    return np.asarray(llm.scores[:n_tokens]).tolist()
+    return prefill_then_decode(llm, tokens, 16).tolist()
 
 
 def device_vanilla_logits(path, n_tokens, flash_attn) -> list:
     """Logits with Self-Extend off (G = 1), every layer on the device: the parity tests' schedule of
     prefill ubatches of 32, then 16 single-token steps, F32 cache."""
-    from selfextend_gguf.testing.parity import random_tokens, tiny_llama
+    from selfextend_gguf.testing.parity import prefill_then_decode, random_tokens, tiny_llama
     tokens = random_tokens(n_tokens, seed=11)
     llm = tiny_llama(path, n_tokens, 1, None, n_batch=64, n_ubatch=32, flash_attn=flash_attn, n_gpu_layers=-1)
-    llm.eval(tokens[:-16])
-    for token in tokens[-16:]:
-        llm.eval([token])
-    return np.asarray(llm.scores[:n_tokens]).tolist()
+    return prefill_then_decode(llm, tokens, 16).tolist()
 
 
 # ---- the tests ----

@@ -49,6 +49,15 @@ def tiny_llama(path, n_ctx, group_size, window, type_k=F32, type_v=F32, **kwargs
                  type_k=type_k, type_v=type_v, n_threads=2, n_threads_batch=2, verbose=False, seed=0, **kwargs)
 
 
+def prefill_then_decode(llm, tokens, n_single) -> np.ndarray:
+    """[n, n_vocab] logits of llm (a llama_cpp.Llama keeping every position's) over tokens: the prompt
+    but its last n_single tokens in llm's ubatches, then those one llama_decode each."""
+    llm.eval(tokens[:len(tokens) - n_single])
+    for token in tokens[len(tokens) - n_single:]:
+        llm.eval([token])
+    return np.asarray(llm.scores[:len(tokens)])
+
+
 def reference_logits(reference, tokens, group_size, window) -> np.ndarray:
     """[n, n_vocab] logits of the torch reference (exact Self-Extend, or vanilla for G = 1)."""
     import torch
