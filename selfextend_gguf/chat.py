@@ -98,6 +98,15 @@ class RawText:
         return "\n\n".join(message["content"] for message in messages)
 
 
+def first_message(documents: list[Document], question: str) -> dict:
+    """The conversation's first message: the documents, then the question. The server's page builds
+    the same (selfextend_gguf/web/index.html, firstMessage), so its questions reuse the documents'
+    cache."""
+    if not documents:
+        return {"role": "user", "content": question}
+    return {"role": "user", "content": f"{documents_text(documents)}\n\n{question}"}
+
+
 # ----------------------------------------------------------------------------- sizing
 
 @dataclass(frozen=True)
@@ -178,9 +187,7 @@ class ChatSession:
     # --- what the model reads
 
     def first_message(self, question: str) -> dict:
-        if not self.documents:
-            return {"role": "user", "content": question}
-        return {"role": "user", "content": f"{documents_text(self.documents)}\n\n{question}"}
+        return first_message(self.documents, question)
 
     def conversation(self, question: str) -> list[dict]:
         if not self.messages:

@@ -405,3 +405,57 @@ def test_serve_defaults(tiny_f32_gguf):
     command = server_command(parser.parse_args(["--model", str(tiny_f32_gguf), "--ctx", "200", "--parallel", "3",
                                                 "--", "--flash-attn", "off"]))
     assert command[-2:] == ["--flash-attn", "off"] and "600" in command
+
+
+# ----------------------------------------------------------------------------- serve --doc (the page: test_browser.py)
+
+def test_serve_doc_refuses_bad_documents_with_a_message(tiny_f32_gguf, tmp_path):
+    image = tmp_path / "scan.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
+    book = tmp_path / "book.txt"
+    book.write_text(words(6000, "Book"))  # past what any G reaches with W=60 on a trained context of 64
+    for args, expected in [((tmp_path / "missing.txt",), "document not found"),
+                           ((image,), "PNG image"),
+                           ((book, "--grp-attn-w", 60), "use a smaller --grp-attn-w, or fewer documents"),
+                           ((book, "--ctx", 100), "leaves no room to answer")]:
+        done = run_serve("--model", tiny_f32_gguf, "--doc", *args)
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stderr and "Traceback" not in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr  # one line
+
+
+def test_serve_doc_reads_the_documents_into_every_slot_and_stops_its_server_on_ctrl_c(tiny_f32_gguf, tmp_path):
+    import signal
+
+    notes = tmp_path / "notes.md"
+    notes.write_text(words(60, "Sierra"))
+    port = free_port()
+    process = subprocess.Popen(serve_command("--model", tiny_f32_gguf, "--ctx", N_CTX, "--grp-attn-n", GROUP,
+                                             "--grp-attn-w", WINDOW, "--parallel", 2, "--doc", notes, "--port", port),
+                               env=server_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        lines = []
+        while not lines or "ready:" not in lines[-1]:
+            lines.append(process.stderr.readline())
+            assert lines[-1], "".join(lines)[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        listing = httpx.get(f"{url}/documents.json", timeout=TIMEOUT).json()
+        assert [(doc["name"], doc["kind"]) for doc in listing["documents"]] == [("notes.md", "markdown")]
+        assert 50 < listing["documents"][0]["tokens"] < listing["prompt_tokens"]
+        assert listing["text"] == notes.read_text().strip()
+        assert "<!doctype html>" in httpx.get(f"{url}/", timeout=TIMEOUT).text
+        for slot in (0, 1):  # each slot holds the documents: a question evaluates only itself
+            body = {"messages": [{"role": "user", "content": f"{listing['text']}\n\nstone river"}], "id_slot": slot,
+                    "max_tokens": 2, "temperature": 0}
+            answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT).json()
+            assert answer["timings"]["prompt_n"] < 20 < answer["usage"]["prompt_tokens"], (slot, answer)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
+        assert process.wait(30) == 130
+        with pytest.raises(httpx.TransportError):  # the server is gone with it
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        process.stderr.close()
