@@ -5,7 +5,8 @@ so Selenium Manager downloads nothing). Install them with `apt-get install -y ch
 - The README's pass-key document (12k tokens) on the embedded SmolLM2, trained on 8k: the page shows
   G and W and the document, answers the pass key, and a second question reuses the prompt cache.
 - The tiny random model: the API key prompt, a plain chat without --doc, a file added in the browser,
-  and a question past the slot's context (the server's 400 message, then a question that works).
+  a question past the slot's context (the server's 400 message, then a question that works), and a
+  question after the server has stopped (a banner that says so).
 """
 import subprocess
 import sys
@@ -176,14 +177,17 @@ def test_the_page_asks_for_the_api_key_and_chats_without_documents(browser, tiny
         assert browser.execute_script("return sessionStorage.getItem('selfextend-gguf-api-key')") == API_KEY
 
         page.set_number("max-tokens", 8)
-        answer = page.ask("stone river lamp")
+        page.find("question").send_keys("stone", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "river")  # a new line, not sent
+        assert page.find("question").get_attribute("value") == "stone\nriver"
+        assert not browser.find_elements(By.CSS_SELECTOR, ".message")
+        answer = page.ask(" lamp")
         assert answer.get_attribute("data-state") == "done", page.error()
         assert 1 <= int(answer.get_attribute("data-predicted-n")) <= 8
     finally:
         server.stop()
 
 
-def test_a_question_past_the_context_shows_the_servers_message_and_the_page_stays_usable(
+def test_a_question_past_the_context_or_with_the_server_gone_shows_what_went_wrong(
         browser, tiny_f32_gguf, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text(words(40, "Notes"))
@@ -208,6 +212,12 @@ def test_a_question_past_the_context_shows_the_servers_message_and_the_page_stay
         assert answer.get_attribute("data-state") == "done", page.error()
         assert page.error() == ""
         assert int(answer.get_attribute("data-prompt-n")) < 40  # the notes came from the slot's cache
+
+        server.stop()
+        gone = page.ask("stone lamp")
+        assert gone.get_attribute("data-state") == "failed"
+        assert "does not answer: is selfextend-gguf serve still running?" in page.error(), page.error()
+        assert page.find("send").is_enabled()
     finally:
         server.stop()
     assert not server.alive()
