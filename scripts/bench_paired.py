@@ -66,7 +66,8 @@ def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads
 
     return dict(prefill_tps={k: n_prefill / s for k, s in prefill.items()},
                 decode_tps={k: n_decode / sum(s) for k, s in steps.items()},
-                decode_step_ratio=statistics.median(o / e for e, o in zip(steps["self-extend"], steps[name])))
+                decode_step_ratio=statistics.median(o / e for e, o in zip(steps["self-extend"], steps[name])),
+                decode_steps_ms={k: [round(1000 * t, 2) for t in s] for k, s in steps.items()})
 
 
 # --baseline -> what the other context is

@@ -73,8 +73,9 @@ LIMITED_DEVICE_SOURCE = ROOT / "tests" / "limited_device.cpp"
 
 
 def patched_source_tree() -> Path:
-    """The patched llama.cpp tree of the package build (its ggml headers, internal ones included)."""
-    found = sorted(ROOT.glob("build/*/llama.cpp-src/ggml/src/ggml-backend-impl.h"))
+    """The patched llama.cpp tree of the package build, build/<wheel tag> (its ggml headers, internal ones
+    included, and its tests/); not one of the other builds' trees, which may be unpatched or older."""
+    found = sorted(ROOT.glob("build/py3-*/llama.cpp-src/ggml/src/ggml-backend-impl.h"))
     if not found:
         raise RuntimeError("no patched llama.cpp tree under build/: install the package first (pip install .)")
     return found[0].parents[2]
@@ -91,6 +92,20 @@ def limited_device_lib(library_dir: Path) -> Path:
         _run(["c++", "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}",
               str(LIMITED_DEVICE_SOURCE), "-o", str(out), f"-L{library_dir}", f"-Wl,-rpath,{library_dir}",
               "-lggml", "-lggml-base", "-lggml-cpu"], "building the limited device")
+    return out
+
+
+def op_harness_program(library_dir: Path) -> Path:
+    """llama.cpp's own op harness, tests/test-backend-ops.cpp of the patched tree (with the cases that patches
+    0004 and 0008 add), compiled against the ggml of library_dir (rebuilt when the source is newer)."""
+    import hashlib
+    source = patched_source_tree() / "tests" / "test-backend-ops.cpp"
+    out = ROOT / "build" / "test-backend-ops" / hashlib.sha1(str(library_dir).encode()).hexdigest()[:12] / "test-backend-ops"
+    if not out.exists() or out.stat().st_mtime < source.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _run(["c++", "-std=c++17", "-O1", f"-I{source.parents[1] / 'ggml' / 'include'}", str(source), "-o", str(out),
+              f"-L{library_dir}", f"-Wl,-rpath,{library_dir}", "-lggml", "-lggml-base", "-pthread"],
+             "building test-backend-ops")
     return out
 
 

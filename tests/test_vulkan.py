@@ -226,3 +226,13 @@ def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):
     unpatched_logits = np.asarray(run_with_library(unpatched, "test_vulkan", "vanilla_logits",
                                                    str(tiny_f32_gguf), 160))
     assert np.array_equal(patched_logits, unpatched_logits), np.abs(patched_logits - unpatched_logits).max()
+
+
+@pytest.mark.parametrize("op", ["FLASH_ATTN_EXT_LSE", "MUL_MAT_CONCAT"])
+def test_the_device_refuses_the_ops_it_lacks_in_llama_cpps_op_harness(vulkan_bin_dir, op):
+    """llama.cpp's test-backend-ops with the cases of patches 0004 and 0008 (tests/test_backend_ops_cases.py),
+    on Vulkan0 against the CPU. ggml-vulkan has neither op yet (docs/backends.md, "Porting the two ops"), so
+    every case must be refused by its supports_op, which is what keeps Self-Extend on the composed paths there.
+    When the kernels land, this becomes {"OK": N_CASES[op]}."""
+    from test_backend_ops_cases import N_CASES, run_cases
+    assert run_cases(vulkan_bin_dir, "Vulkan0", op) == {"not supported": N_CASES[op]}
