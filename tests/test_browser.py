@@ -3,7 +3,8 @@ Debian's chromium, headless, driven by selenium through Debian's chromedriver (/
 so Selenium Manager downloads nothing). Install them with `apt-get install -y chromium chromium-driver`.
 
 - The README's pass-key document (12k tokens) on the embedded SmolLM2, trained on 8k: the page shows
-  G and W and the document, answers the pass key, and a second question reuses the prompt cache.
+  G and W and the document, answers the pass key, and a second question reuses the prompt cache;
+  Escape stops a long answer while it streams, and the page answers again.
 - The tiny random model: the API key prompt, a plain chat without --doc, a file added in the browser,
   a question past the slot's context (the server's 400 message, then a question that works), and a
   question after the server has stopped (a banner that says so).
@@ -145,6 +146,26 @@ def test_the_page_answers_the_pass_key_of_a_long_document_and_reuses_the_cache(b
         assert browser.save_screenshot(str(SCREENSHOT))
         assert SCREENSHOT.stat().st_size > 10_000
         assert browser.find_element(By.ID, "error").is_displayed() is False
+
+        # Escape stops a long answer while it streams: the words so far stay, no more arrive, the page takes
+        # the next question
+        page.set_number("max-tokens", 400)
+        before = len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant"))
+        page.find("question").send_keys("Tell me a long story about the pass key.", Keys.ENTER)
+        page.wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant")) > before,
+                  message="the question was not sent")
+        story = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+        page.wait(lambda: len(story.text) > 0, message="no words of the answer arrived")
+        assert story.get_attribute("data-state") == "streaming", "the answer ended before Escape"
+        page.find("question").send_keys(Keys.ESCAPE)
+        page.wait(lambda: story.get_attribute("data-state") == "stopped", message="Escape did not stop the answer")
+        stopped_text = story.text
+        time.sleep(1.5)
+        assert story.text == stopped_text and stopped_text
+        assert page.find("send").is_enabled() and page.error() == ""
+        page.set_number("max-tokens", 16)
+        again = page.ask(PASS_KEY_QUESTIONS[0])
+        assert again.get_attribute("data-state") == "done" and PASS_KEY in again.text, again.text
     finally:
         server.stop()
     assert not server.alive()
