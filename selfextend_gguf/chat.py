@@ -336,6 +336,12 @@ def size_prompt(info, documents: list[Document], question: str = "", raw: bool |
     return n_prompt, per_document, prompt_format.name
 
 
+def plan_for_prompt(n_prompt: int, room: int, info, **choices) -> ContextPlan:
+    """plan_context for a prompt of n_prompt tokens (the documents and question) with `room` tokens after it
+    (the conversation or the answer); choices: plan_context's n_ctx, grp_attn_n, grp_attn_w."""
+    return plan_context(n_prompt + room + UTF8_SLACK, info, n_documents=n_prompt, **choices)
+
+
 def open_session(model_path, documents: list[Document], *, question: str = "", room: int = CHAT_ROOM,
                  n_ctx: int | None = None, grp_attn_n="auto", grp_attn_w: int | None = None,
                  raw: bool = False, max_answer_tokens: int = 1024, sampling: dict | None = None,
@@ -352,8 +358,7 @@ def open_session(model_path, documents: list[Document], *, question: str = "", r
         raise SetupError(str(error)) from None
     # the vocabulary alone (no weights) tokenizes the documents before n_ctx is known
     n_prompt, _, _ = size_prompt(info, documents, question, raw, verbose)
-    plan = plan_context(n_prompt + room + UTF8_SLACK, info, n_ctx=n_ctx, grp_attn_n=grp_attn_n,
-                        grp_attn_w=grp_attn_w, n_documents=n_prompt)
+    plan = plan_for_prompt(n_prompt, room, info, n_ctx=n_ctx, grp_attn_n=grp_attn_n, grp_attn_w=grp_attn_w)
     llm = MeteredLlama(str(info.path), n_ctx=plan.n_ctx, self_extend=plan.self_extend, flash_attn=flash_attn,
                        verbose=verbose)
     prompt_format = RawText() if raw else ChatTemplate(llm)

@@ -428,8 +428,8 @@ def info_documents(args, info) -> int:
     if refuse_self_extend(info):
         return 0
     for command, room in (("chat", chat.CHAT_ROOM), (f"run -n {RUN_TOKENS}", RUN_TOKENS)):
-        plan = chat.plan_context(n_prompt + room + chat.UTF8_SLACK, info, n_ctx=args.ctx,
-                                 grp_attn_n=args.grp_attn_n, grp_attn_w=args.grp_attn_w, n_documents=n_prompt)
+        plan = chat.plan_for_prompt(n_prompt, room, info, n_ctx=args.ctx, grp_attn_n=args.grp_attn_n,
+                                    grp_attn_w=args.grp_attn_w)
         extend = (f"--grp-attn-n {plan.self_extend.group_size} --grp-attn-w {plan.self_extend.neighbor_window}, "
                   f"reaching {plan.reach:,} tokens" if plan.self_extend.enabled
                   else "Self-Extend off (the trained context holds it)")

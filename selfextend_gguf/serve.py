@@ -111,8 +111,8 @@ def slot_plan(args: argparse.Namespace, info) -> tuple[int, settings.SelfExtend,
     if not args.verbose:
         LlamaLogCapture().install()
     n_prompt, per_document, _ = chat.size_prompt(info, documents, raw=None, each_document=True)
-    plan = chat.plan_context(n_prompt + chat.CHAT_ROOM + chat.UTF8_SLACK, info, n_ctx=args.n_ctx,
-                             grp_attn_n=args.grp_attn_n, grp_attn_w=args.grp_attn_w, n_documents=n_prompt)
+    plan = chat.plan_for_prompt(n_prompt, chat.CHAT_ROOM, info, n_ctx=args.n_ctx, grp_attn_n=args.grp_attn_n,
+                                grp_attn_w=args.grp_attn_w)
     return plan.n_ctx, plan.self_extend, ServedDocuments(documents, per_document, n_prompt)
 
 

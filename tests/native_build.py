@@ -81,32 +81,31 @@ def patched_source_tree() -> Path:
     return found[0].parents[2]
 
 
-def limited_device_lib(library_dir: Path) -> Path:
-    """limited_device.cpp compiled against the patched ggml and linked to the libraries of library_dir
-    (rebuilt when the source is newer)."""
+def compiled_against(library_dir: Path, source: Path, folder: str, name: str, flags, what: str) -> Path:
+    """source compiled with flags against the patched ggml headers and linked to the ggml of library_dir, into
+    build/<folder>/<library_dir's hash>/<name> (rebuilt when the source is newer)."""
     import hashlib
-    out = ROOT / "build" / "limited-device" / hashlib.sha1(str(library_dir).encode()).hexdigest()[:12] / "liblimited_device.so"
-    if not out.exists() or out.stat().st_mtime < LIMITED_DEVICE_SOURCE.stat().st_mtime:
+    out = ROOT / "build" / folder / hashlib.sha1(str(library_dir).encode()).hexdigest()[:12] / name
+    if not out.exists() or out.stat().st_mtime < source.stat().st_mtime:
         out.parent.mkdir(parents=True, exist_ok=True)
         tree = patched_source_tree()
-        _run(["c++", "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}",
-              str(LIMITED_DEVICE_SOURCE), "-o", str(out), f"-L{library_dir}", f"-Wl,-rpath,{library_dir}",
-              "-lggml", "-lggml-base", "-lggml-cpu"], "building the limited device")
+        _run(["c++", "-std=c++17", "-O1", *flags, f"-I{tree / 'ggml' / 'include'}", f"-I{tree / 'ggml' / 'src'}",
+              str(source), "-o", str(out), f"-L{library_dir}", f"-Wl,-rpath,{library_dir}",
+              "-lggml", "-lggml-base", "-lggml-cpu", "-pthread"], what)
     return out
+
+
+def limited_device_lib(library_dir: Path) -> Path:
+    """limited_device.cpp compiled against the patched ggml and linked to the libraries of library_dir."""
+    return compiled_against(library_dir, LIMITED_DEVICE_SOURCE, "limited-device", "liblimited_device.so",
+                            ["-shared", "-fPIC"], "building the limited device")
 
 
 def op_harness_program(library_dir: Path) -> Path:
     """llama.cpp's own op harness, tests/test-backend-ops.cpp of the patched tree (with the cases that patches
-    0004 and 0008 add), compiled against the ggml of library_dir (rebuilt when the source is newer)."""
-    import hashlib
-    source = patched_source_tree() / "tests" / "test-backend-ops.cpp"
-    out = ROOT / "build" / "test-backend-ops" / hashlib.sha1(str(library_dir).encode()).hexdigest()[:12] / "test-backend-ops"
-    if not out.exists() or out.stat().st_mtime < source.stat().st_mtime:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _run(["c++", "-std=c++17", "-O1", f"-I{source.parents[1] / 'ggml' / 'include'}", str(source), "-o", str(out),
-              f"-L{library_dir}", f"-Wl,-rpath,{library_dir}", "-lggml", "-lggml-base", "-pthread"],
-             "building test-backend-ops")
-    return out
+    0004 and 0008 add), compiled against the ggml of library_dir."""
+    return compiled_against(library_dir, patched_source_tree() / "tests" / "test-backend-ops.cpp",
+                            "test-backend-ops", "test-backend-ops", [], "building test-backend-ops")
 
 
 UNPATCHED_BUILD = ROOT / "build" / "unpatched"
