@@ -3,9 +3,9 @@ patch 0004 (FLASH_ATTN_EXT_LSE) and patch 0008 (MUL_MAT_CONCAT) add to it, in th
 (head sizes 64, 128 and 256, GQA, F16 and Q8_0 K/V, masks, decode and prefill, continuing an earlier
 result; two and three products side by side).
 
-The harness checks a device against the CPU. With no GPU here, it
-runs every case on the CPU against a second CPU backend (the harness's reference mode): that catches a
-case that crashes, asserts or gives NaN, not a wrong value. The values are checked against ggml's own
+The harness checks a device against the CPU. With no GPU here, it runs every case on the CPU against a
+second CPU backend (the harness's reference mode): that catches a case that crashes, asserts or gives NaN,
+not a wrong value. The values are checked against ggml's own
 operations by tests/test_ggml_mul_mat_concat.py and the parity tests; tests/test_vulkan.py runs the same
 cases with Vulkan0 against the CPU, where MUL_MAT_CONCAT has a kernel (patch 0015) and FLASH_ATTN_EXT_LSE
 not yet."""
