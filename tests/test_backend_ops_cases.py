@@ -7,8 +7,7 @@ The harness checks a device against the CPU. With no GPU here, it runs every cas
 second CPU backend (the harness's reference mode): that catches a case that crashes, asserts or gives NaN,
 not a wrong value. The values are checked against ggml's own
 operations by tests/test_ggml_mul_mat_concat.py and the parity tests; tests/test_vulkan.py runs the same
-cases with Vulkan0 against the CPU, where MUL_MAT_CONCAT has a kernel (patch 0015) and FLASH_ATTN_EXT_LSE
-not yet."""
+cases with Vulkan0 against the CPU, where both ops have kernels (patches 0015 and 0016)."""
 import re
 import subprocess
 
@@ -20,10 +19,11 @@ from native_build import main_lib_dir, op_harness_program
 N_CASES = {"FLASH_ATTN_EXT_LSE": 112, "MUL_MAT_CONCAT": 38}
 
 
-def run_cases(library_dir, backend: str, op: str) -> dict:
-    """test-backend-ops test -b backend -o op: the number of cases per outcome ("OK", "FAIL", "not supported")."""
-    done = subprocess.run([str(op_harness_program(library_dir)), "test", "-b", backend, "-o", op],
-                          capture_output=True, text=True, timeout=600)
+def run_cases(library_dir, backend: str, op: str, params: str = None) -> dict:
+    """test-backend-ops test -b backend -o op [-p params]: the number of cases (those whose parameters match the
+    regular expression params) per outcome ("OK", "FAIL", "not supported")."""
+    done = subprocess.run([str(op_harness_program(library_dir)), "test", "-b", backend, "-o", op,
+                           *(["-p", params] if params else [])], capture_output=True, text=True, timeout=1200)
     text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)  # its colours
     outcomes = {}
     for outcome in re.findall(rf"^\s*{op}\(.*\): (OK|FAIL|not supported)", text, re.M):
