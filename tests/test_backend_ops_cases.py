@@ -19,11 +19,11 @@ from native_build import main_lib_dir, op_harness_program
 N_CASES = {"FLASH_ATTN_EXT_LSE": 112, "MUL_MAT_CONCAT": 38}
 
 
-def run_cases(library_dir, backend: str, op: str, params: str = None) -> dict:
+def run_cases(library_dir, backend: str, op: str, params: str = None, timeout: float = 1200) -> dict:
     """test-backend-ops test -b backend -o op [-p params]: the number of cases (those whose parameters match the
     regular expression params) per outcome ("OK", "FAIL", "not supported")."""
     done = subprocess.run([str(op_harness_program(library_dir)), "test", "-b", backend, "-o", op,
-                           *(["-p", params] if params else [])], capture_output=True, text=True, timeout=1200)
+                           *(["-p", params] if params else [])], capture_output=True, text=True, timeout=timeout)
     text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)  # its colours
     outcomes = {}
     for outcome in re.findall(rf"^\s*{op}\(.*\): (OK|FAIL|not supported)", text, re.M):

@@ -231,7 +231,7 @@ def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):
 # whose parameters match the pattern, None: all), and how many there are:
 #   FLASH_ATTN_EXT_LSE (patch 0016): the 75 cases of head sizes 64 and 128 pass against the CPU, the continued ones
 #     with masks that are blocks of columns of one mask (which ggml-vulkan copies to a contiguous mask first). The 37
-#     cases of head sizes 256 and 192 are left to scripts/vulkan_op_harness.sh: llvmpipe compiles each of their shader
+#     cases of head sizes 256 and 192 are left to scripts/vulkan_op_harness.py: llvmpipe compiles each of their shader
 #     variants for minutes (the 75 took 8.4 min with Mesa's shader cache empty).
 #   MUL_MAT_CONCAT (patch 0015): the 18 F16 cases and the F32 one pass against the CPU. Refused: the 18 Q8_0 cases
 #     (a quantized K view that is not contiguous, which ggml-vulkan's MUL_MAT refuses too: plain attention on a Q8_0
