@@ -1,0 +1,62 @@
+"""Where a prefill's time goes on Vulkan, per ggml op: Self-Extend against plain llama.cpp, flash attention on.
+
+Each side runs in a child process with GGML_VK_PERF_LOGGER=1 (ggml-vulkan times every node): a prefill of
+--tokens random tokens of the embedded SmolLM2 in batches of 512, every layer on the device. Prints the seconds
+per op (summed over all nodes) of each side. Times here include the logger's own syncs, so compare the two
+columns, not these totals with scripts/bench_paired.py's. Run from the checkout with the README's .venv:
+
+    SELFEXTEND_GGUF_LIB_PATH=$PWD/build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 python scripts/vulkan_op_times.py
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+CHILD = """
+import sys, numpy as np
+from selfextend_gguf.evaluate import methods
+from selfextend_gguf.models import default_model_path
+method, n = sys.argv[1], int(sys.argv[2])
+run = methods.make(method, str(default_model_path()), n + 64, n_threads=2, flash_attn=True, n_batch=512,
+                   verbose=False, n_gpu_layers=-1)
+tokens = np.random.default_rng(0).integers(100, 40000, size=n).tolist()
+for start in range(0, n, 512):
+    run.decode(tokens[start:start + 512], len(tokens[start:start + 512]) - 1)
+"""
+LINE = re.compile(r"(.+?): (\d+) x [\d.e+]+ us = ([\d.e+]+) us")
+
+
+def op_seconds(method: str, n_tokens: int) -> dict:
+    env = dict(os.environ, GGML_VK_PERF_LOGGER="1")
+    done = subprocess.run([sys.executable, "-c", CHILD, method, str(n_tokens)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
+    seconds = collections.Counter()
+    for line in done.stderr.splitlines():
+        m = LINE.match(line)
+        if m:
+            seconds[re.split(r"[ (]", m.group(1))[0]] += float(m.group(3)) / 1e6
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="prefill length (default 4096)")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1024)
+    args = parser.parse_args()
+    if not os.environ.get("SELFEXTEND_GGUF_LIB_PATH"):
+        sys.exit("set SELFEXTEND_GGUF_LIB_PATH to a Vulkan build's bin folder (e.g. $PWD/build/vulkan/bin)")
+    extended = op_seconds(f"exact-g{args.group_size}-w{args.window}", args.tokens)
+    plain = op_seconds("vanilla", args.tokens)
+    print(f"prefill {args.tokens} tokens, flash attention, every layer on the device: seconds per op")
+    print(f"{'op':24s} {'Self-Extend':>12s} {'plain':>8s}")
+    for op in sorted(set(extended) | set(plain), key=lambda o: -max(extended[o], plain[o])):
+        print(f"{op:24s} {extended[op]:12.2f} {plain[op]:8.2f}")
+    print(f"{'total':24s} {sum(extended.values()):12.2f} {sum(plain.values()):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
