@@ -23,7 +23,8 @@ run = methods.make(method, str(default_model_path()), n + 64, n_threads=2, flash
                    verbose=False, n_gpu_layers=-1)
 tokens = np.random.default_rng(0).integers(100, 40000, size=n).tolist()
 for start in range(0, n, 512):
-    run.decode(tokens[start:start + 512], len(tokens[start:start + 512]) - 1)
+    batch = tokens[start:start + 512]
+    run.decode(batch, len(batch) - 1)
 """
 LINE = re.compile(r"(.+?): (\d+) x [\d.e+]+ us = ([\d.e+]+) us")
 
