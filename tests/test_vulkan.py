@@ -229,15 +229,17 @@ def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):
 
 # what ggml-vulkan answers in llama.cpp's op harness for the cases of patches 0004 and 0008 that run here (the cases
 # whose parameters match the pattern, None: all), and how many there are:
-#   FLASH_ATTN_EXT_LSE (patch 0016): the 75 cases of head sizes 64 and 128 pass against the CPU, the continued ones
-#     with masks that are blocks of columns of one mask (which ggml-vulkan copies to a contiguous mask first). The 37
+#   FLASH_ATTN_EXT_LSE (patch 0016): the 83 cases of head sizes 64 and 128 pass against the CPU, the continued ones
+#     with masks that are blocks of columns of one mask (which ggml-vulkan copies to a contiguous mask first). On
+#     lavapipe 26 of them write their output directly (among them the 8 of 512 queries, or of one query over 32 KV
+#     heads), the others take the split-k reduction: a log-sum-exp off by 1 in the direct path fails those 26. The 37
 #     cases of head sizes 256 and 192 are left to scripts/vulkan_op_harness.py: llvmpipe compiles each of their shader
 #     variants for minutes (the 75 took 8.4 min with Mesa's shader cache empty).
 #   MUL_MAT_CONCAT (patch 0015): the 18 F16 cases and the F32 one pass against the CPU. Refused: the 18 Q8_0 cases
 #     (a quantized K view that is not contiguous, which ggml-vulkan's MUL_MAT refuses too: plain attention on a Q8_0
 #     cache without flash attention runs its products on the CPU there), and the contiguous case, whose second
 #     product starts at column 129, 516 bytes in, off lavapipe's 16-byte descriptor alignment.
-OP_HARNESS_ON_VULKAN = {"FLASH_ATTN_EXT_LSE": ("hsk=(64|128),", {"OK": 75}),
+OP_HARNESS_ON_VULKAN = {"FLASH_ATTN_EXT_LSE": ("hsk=(64|128),", {"OK": 83}),
                         "MUL_MAT_CONCAT": (None, {"OK": 19, "not supported": 19})}
 
 
