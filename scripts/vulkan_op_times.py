@@ -1,11 +1,11 @@
-"""Where a prefill's time goes on Vulkan, per ggml op: Self-Extend against plain llama.cpp, flash attention on.
+"""Where a prefill's time goes on Vulkan, per ggml op: Self-Extend against plain llama.cpp, on one attention path.
 
 Each side runs in a child process with GGML_VK_PERF_LOGGER=1 (ggml-vulkan times every node): a prefill of
 --tokens random tokens of the embedded SmolLM2 in batches of 512, every layer on the device. Prints the seconds
 per op (summed over all nodes) of each side. Times here include the logger's own syncs, so compare the two
 columns, not these totals with scripts/bench_paired.py's. Run from the checkout with the README's .venv:
 
-    SELFEXTEND_GGUF_LIB_PATH=$PWD/build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 python scripts/vulkan_op_times.py
+    SELFEXTEND_GGUF_LIB_PATH=$PWD/build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 python scripts/vulkan_op_times.py [--flash-attn off]
 """
 import argparse
 import collections
@@ -18,8 +18,8 @@ CHILD = """
 import sys, numpy as np
 from selfextend_gguf.evaluate import methods
 from selfextend_gguf.models import default_model_path
-method, n = sys.argv[1], int(sys.argv[2])
-run = methods.make(method, str(default_model_path()), n + 64, n_threads=2, flash_attn=True, n_batch=512,
+method, n, flash_attn = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "on"
+run = methods.make(method, str(default_model_path()), n + 64, n_threads=2, flash_attn=flash_attn, n_batch=512,
                    verbose=False, n_gpu_layers=-1)
 tokens = np.random.default_rng(0).integers(100, 40000, size=n).tolist()
 for start in range(0, n, 512):
@@ -29,9 +29,10 @@ for start in range(0, n, 512):
 LINE = re.compile(r"(.+?): (\d+) x [\d.e+]+ us = ([\d.e+]+) us")
 
 
-def op_seconds(method: str, n_tokens: int) -> dict:
+def op_seconds(method: str, n_tokens: int, flash_attn: str) -> dict:
     env = dict(os.environ, GGML_VK_PERF_LOGGER="1")
-    done = subprocess.run([sys.executable, "-c", CHILD, method, str(n_tokens)], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, method, str(n_tokens), flash_attn], env=env,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     seconds = collections.Counter()
@@ -47,12 +48,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="prefill length (default 4096)")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
     args = parser.parse_args()
     if not os.environ.get("SELFEXTEND_GGUF_LIB_PATH"):
         sys.exit("set SELFEXTEND_GGUF_LIB_PATH to a Vulkan build's bin folder (e.g. $PWD/build/vulkan/bin)")
-    extended = op_seconds(f"exact-g{args.group_size}-w{args.window}", args.tokens)
-    plain = op_seconds("vanilla", args.tokens)
-    print(f"prefill {args.tokens} tokens, flash attention, every layer on the device: seconds per op")
+    extended = op_seconds(f"exact-g{args.group_size}-w{args.window}", args.tokens, args.flash_attn)
+    plain = op_seconds("vanilla", args.tokens, args.flash_attn)
+    print(f"prefill {args.tokens} tokens, flash attention {args.flash_attn}, every layer on the device: seconds per op")
     print(f"{'op':24s} {'Self-Extend':>12s} {'plain':>8s}")
     for op in sorted(set(extended) | set(plain), key=lambda o: -max(extended[o], plain[o])):
         print(f"{op:24s} {extended[op]:12.2f} {plain[op]:8.2f}")
