@@ -1,8 +1,8 @@
 """Where a prefill's time goes on Vulkan, per ggml op: Self-Extend against plain llama.cpp, on one attention path.
 
-Each side runs in a child process with GGML_VK_PERF_LOGGER=1 (ggml-vulkan times every node): a prefill of
+Each side runs in a child process with GGML_VK_PERF_LOGGER=1 (ggml-vulkan times every node): two prefills of
 --tokens random tokens of the embedded SmolLM2 in batches of 512, every layer on the device. Prints the seconds
-per op (summed over all nodes) of each side. Times here include the logger's own syncs, so compare the two
+per op (summed over all nodes of the second prefill: the first one compiles the pipelines) of each side. Times here include the logger's own syncs, so compare the two
 columns, not these totals with scripts/bench_paired.py's. Run from the checkout with the README's .venv:
 
     SELFEXTEND_GGUF_LIB_PATH=$PWD/build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 python scripts/vulkan_op_times.py [--flash-attn off]
@@ -22,24 +22,31 @@ method, n, flash_attn = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "on"
 run = methods.make(method, str(default_model_path()), n + 64, n_threads=2, flash_attn=flash_attn, n_batch=512,
                    verbose=False, n_gpu_layers=-1)
 tokens = np.random.default_rng(0).integers(100, 40000, size=n).tolist()
-for start in range(0, n, 512):
-    batch = tokens[start:start + 512]
-    run.decode(batch, len(batch) - 1)
+for timed in (False, True):
+    run.forget_after(0)
+    print(WARM if timed else "", file=sys.stderr, flush=True)
+    for start in range(0, n, 512):
+        batch = tokens[start:start + 512]
+        run.decode(batch, len(batch) - 1)
 """
+# the child prints this between its two prefills: the first one compiles the pipelines (lavapipe compiles on first
+# use, inside the timed dispatches), and only the second one is counted
+WARM = "--- second prefill ---"
 LINE = re.compile(r"(.+?): (\d+) x [\d.e+]+ us = ([\d.e+]+) us")
 
 
-def op_seconds(method: str, n_tokens: int, flash_attn: str) -> dict:
+def op_seconds(method: str, n_tokens: int, flash_attn: str, shapes: bool) -> dict:
     env = dict(os.environ, GGML_VK_PERF_LOGGER="1")
-    done = subprocess.run([sys.executable, "-c", CHILD, method, str(n_tokens), flash_attn], env=env,
+    done = subprocess.run([sys.executable, "-c", f"WARM = {WARM!r}\n" + CHILD, method, str(n_tokens), flash_attn], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     seconds = collections.Counter()
-    for line in done.stderr.splitlines():
+    for line in done.stderr.split(WARM, 1)[1].splitlines():
         m = LINE.match(line)
         if m:
-            seconds[re.split(r"[ (]", m.group(1))[0]] += float(m.group(3)) / 1e6
+            name = m.group(1).strip() if shapes else re.split(r"[ (]", m.group(1))[0]
+            seconds[name] += float(m.group(3)) / 1e6
     return seconds
 
 
@@ -49,16 +56,18 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
+    parser.add_argument("--shapes", action="store_true", help="one line per op and shape (the logger's names)")
     args = parser.parse_args()
     if not os.environ.get("SELFEXTEND_GGUF_LIB_PATH"):
         sys.exit("set SELFEXTEND_GGUF_LIB_PATH to a Vulkan build's bin folder (e.g. $PWD/build/vulkan/bin)")
-    extended = op_seconds(f"exact-g{args.group_size}-w{args.window}", args.tokens, args.flash_attn)
-    plain = op_seconds("vanilla", args.tokens, args.flash_attn)
+    extended = op_seconds(f"exact-g{args.group_size}-w{args.window}", args.tokens, args.flash_attn, args.shapes)
+    plain = op_seconds("vanilla", args.tokens, args.flash_attn, args.shapes)
     print(f"prefill {args.tokens} tokens, flash attention {args.flash_attn}, every layer on the device: seconds per op")
-    print(f"{'op':24s} {'Self-Extend':>12s} {'plain':>8s}")
+    width = max(24, *(len(op) for op in set(extended) | set(plain)))
+    print(f"{'op':{width}s} {'Self-Extend':>12s} {'plain':>8s}")
     for op in sorted(set(extended) | set(plain), key=lambda o: -max(extended[o], plain[o])):
-        print(f"{op:24s} {extended[op]:12.2f} {plain[op]:8.2f}")
-    print(f"{'total':24s} {sum(extended.values()):12.2f} {sum(plain.values()):8.2f}")
+        print(f"{op:{width}s} {extended[op]:12.2f} {plain[op]:8.2f}")
+    print(f"{'total':{width}s} {sum(extended.values()):12.2f} {sum(plain.values()):8.2f}")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):
     assert np.array_equal(patched_logits, unpatched_logits), np.abs(patched_logits - unpatched_logits).max()
 
 
-# what ggml-vulkan answers in llama.cpp's op harness for the cases of patches 0004 and 0008 that run here (the cases
+# what ggml-vulkan answers in llama.cpp's op harness for the cases of patches 0004, 0008 and 0017 that run here (the cases
 # whose parameters match the pattern, None: all), and how many there are:
 #   FLASH_ATTN_EXT_LSE (patch 0016): the 83 cases of head sizes 64 and 128 pass against the CPU, the continued ones
 #     with masks that are blocks of columns of one mask (which ggml-vulkan copies to a contiguous mask first). On
@@ -239,13 +239,17 @@ def test_group_size_one_matches_unpatched_vulkan(vulkan_bin_dir, tiny_f32_gguf):
 #     (a quantized K view that is not contiguous, which ggml-vulkan's MUL_MAT refuses too: plain attention on a Q8_0
 #     cache without flash attention runs its products on the CPU there), and the contiguous case, whose second
 #     product starts at column 129, 516 bytes in, off lavapipe's 16-byte descriptor alignment.
+#   MUL_MAT (patch 0017): the 4 cases of an F32 B with strided rows over 67 columns, as Self-Extend's products of V
+#     and one block of probabilities read it: row strides of 1600 floats (read in place) and 1601 (copied first).
+#     The in-place read with the rows' length as the stride fails the two of 1600.
 OP_HARNESS_ON_VULKAN = {"FLASH_ATTN_EXT_LSE": ("hsk=(64|128),", {"OK": 83}),
-                        "MUL_MAT_CONCAT": (None, {"OK": 19, "not supported": 19})}
+                        "MUL_MAT_CONCAT": (None, {"OK": 19, "not supported": 19}),
+                        "MUL_MAT": ("n=67,k=15(36|31),.*k_v=160[01],", {"OK": 4})}
 
 
 @pytest.mark.parametrize("op", sorted(OP_HARNESS_ON_VULKAN))
 def test_the_ops_in_llama_cpps_op_harness(vulkan_bin_dir, op):
-    """llama.cpp's test-backend-ops with the cases of patches 0004 and 0008 (tests/test_backend_ops_cases.py), on
+    """llama.cpp's test-backend-ops with the cases of patches 0004, 0008 and 0017 (tests/test_backend_ops_cases.py), on
     Vulkan0 against the CPU: each case passes or is refused by supports_op (a refused op runs the composed paths)."""
     from test_backend_ops_cases import N_CASES, run_cases
     params, expected = OP_HARNESS_ON_VULKAN[op]
