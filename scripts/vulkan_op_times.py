@@ -2,8 +2,9 @@
 
 Each side runs in a child process with GGML_VK_PERF_LOGGER=1 (ggml-vulkan times every node): two prefills of
 --tokens random tokens of the embedded SmolLM2 in batches of 512, every layer on the device. Prints the seconds
-per op (summed over all nodes of the second prefill: the first one compiles the pipelines) of each side. Times here include the logger's own syncs, so compare the two
-columns, not these totals with scripts/bench_paired.py's. Run from the checkout with the README's .venv:
+per op (summed over all nodes of the second prefill: the first one compiles the pipelines) of each side. Times
+here include the logger's own syncs, so compare the two columns, not these totals with scripts/bench_paired.py's.
+Run from the checkout with the README's .venv:
 
     SELFEXTEND_GGUF_LIB_PATH=$PWD/build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 python scripts/vulkan_op_times.py [--flash-attn off]
 """
@@ -37,8 +38,8 @@ LINE = re.compile(r"(.+?): (\d+) x [\d.e+]+ us = ([\d.e+]+) us")
 
 def op_seconds(method: str, n_tokens: int, flash_attn: str, shapes: bool) -> dict:
     env = dict(os.environ, GGML_VK_PERF_LOGGER="1")
-    done = subprocess.run([sys.executable, "-c", f"WARM = {WARM!r}\n" + CHILD, method, str(n_tokens), flash_attn], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", f"WARM = {WARM!r}\n" + CHILD, method, str(n_tokens), flash_attn],
+                          env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     seconds = collections.Counter()
