@@ -7,7 +7,8 @@ one (its 32k decode read 0.47x that way). Here both contexts live in one process
 each prefill batch (n_batch = n_ubatch = 512) runs on Self-Extend, then on off; after a rewind to
 --decode-at tokens, each single-token decode step likewise. Both use the same attention path
 (--flash-attn on or off) and are timed by selfextend_gguf.evaluate.timing's runners. Prints the
-tokens/s of both and their ratio, and, for decode, the median of the per-step ratios.
+tokens/s of both and their ratio, and, for decode, the median of the per-step ratios; --json also keeps
+every prefill batch's time on each side (where along the context a gap grows).
 
 The first step after the rewind is timed on its own and left out of decode's tokens/s: it carries the
 rewind's work, not decode's (plain llama.cpp: a graph for one token in place of the prefill's; Self-Extend
@@ -55,11 +56,11 @@ def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads
         run.decode(tokens, len(tokens) - 1)
         return time.perf_counter() - began
 
-    prefill = {"self-extend": 0.0, name: 0.0}
+    batches = {"self-extend": [], name: []}  # seconds per 512-token batch: where along the context a gap grows
     for start in range(0, n_prefill, 512):
         batch = tokens[start:start + 512]
-        prefill["self-extend"] += timed(extended, batch)
-        prefill[name] += timed(off, batch)
+        batches["self-extend"].append(timed(extended, batch))
+        batches[name].append(timed(off, batch))
 
     steps = {"self-extend": [], name: []}
     for run in (extended, off):
@@ -70,7 +71,8 @@ def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads
         steps["self-extend"].append(timed(extended, [token]))
         steps[name].append(timed(off, [token]))
 
-    return dict(prefill_tps={k: n_prefill / s for k, s in prefill.items()},
+    return dict(prefill_tps={k: n_prefill / sum(s) for k, s in batches.items()},
+                prefill_batches_ms={k: [round(1000 * t, 2) for t in s] for k, s in batches.items()},
                 first_step_ms={k: round(1000 * t, 2) for k, t in first_step.items()},
                 decode_tps={k: n_decode / sum(s) for k, s in steps.items()},
                 decode_step_ratio=statistics.median(o / e for e, o in zip(steps["self-extend"], steps[name])),
@@ -105,10 +107,17 @@ def main() -> None:
         from selfextend_gguf.models import default_model_path
         args.model = str(default_model_path())
 
-    runs = [measure(args.model, args.prefill, args.decode_at, args.decode, args.threads, args.group_size,
-                    args.window, args.flash_attn == "on", args.baseline, args.n_gpu_layers)
-            for _ in range(args.repeats)]
     name = BASELINES[args.baseline]
+    print(f"prefill {args.prefill}, decode at {args.decode_at}, G={args.group_size} W={args.window}, "
+          f"flash attention {args.flash_attn}, {args.threads} threads, median of {args.repeats}", flush=True)
+    runs = []
+    for i in range(args.repeats):  # each run's line as it ends: a lavapipe run at 8k takes half an hour
+        r = measure(args.model, args.prefill, args.decode_at, args.decode, args.threads, args.group_size,
+                    args.window, args.flash_attn == "on", args.baseline, args.n_gpu_layers)
+        runs.append(r)
+        print(f"  run {i + 1}: prefill {r['prefill_tps']['self-extend']:.1f} vs {r['prefill_tps'][name]:.1f} tok/s, "
+              f"decode {r['decode_tps']['self-extend']:.2f} vs {r['decode_tps'][name]:.2f} tok/s, first step after "
+              f"the rewind {r['first_step_ms']['self-extend']:.1f} vs {r['first_step_ms'][name]:.1f} ms", flush=True)
 
     def ratio(run, key):
         return run[key]["self-extend"] / run[key][name]
@@ -116,12 +125,6 @@ def main() -> None:
     summary = dict(prefill_ratio=statistics.median(ratio(r, "prefill_tps") for r in runs),
                    decode_ratio=statistics.median(ratio(r, "decode_tps") for r in runs),
                    decode_step_ratio=statistics.median(r["decode_step_ratio"] for r in runs))
-    print(f"prefill {args.prefill}, decode at {args.decode_at}, G={args.group_size} W={args.window}, "
-          f"flash attention {args.flash_attn}, {args.threads} threads, median of {args.repeats}")
-    for i, r in enumerate(runs):
-        print(f"  run {i + 1}: prefill {r['prefill_tps']['self-extend']:.1f} vs {r['prefill_tps'][name]:.1f} tok/s, "
-              f"decode {r['decode_tps']['self-extend']:.2f} vs {r['decode_tps'][name]:.2f} tok/s, first step after "
-              f"the rewind {r['first_step_ms']['self-extend']:.1f} vs {r['first_step_ms'][name]:.1f} ms")
     print(f"Self-Extend vs {name}: prefill {summary['prefill_ratio']:.3f}x, decode {summary['decode_ratio']:.3f}x "
           f"(median step {summary['decode_step_ratio']:.3f}x)")
     if args.json:

@@ -24,6 +24,8 @@ def test_bench_paired_writes_both_sides_and_their_ratios(tiny_f32_gguf, tmp_path
     for run in result["runs"]:
         for key in ("prefill_tps", "decode_tps"):
             assert set(run[key]) == {"self-extend", name} and min(run[key].values()) > 0
+        # one time per 512-token batch of the 128-token prefill, on each side
+        assert {k: len(v) for k, v in run["prefill_batches_ms"].items()} == {"self-extend": 1, name: 1}
     assert all(result["summary"][key] > 0 for key in ("prefill_ratio", "decode_ratio", "decode_step_ratio"))
 
 
