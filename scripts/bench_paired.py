@@ -4,7 +4,7 @@ spell of the machine cannot skew.
 scripts/bench_speed.py measures each configuration in its own process, one after the other; on a
 shared 2-core machine a single run of it can land one side in a quiet minute and the other in a busy
 one (its 32k decode read 0.47x that way). Here both contexts live in one process and take turns:
-each prefill batch (n_batch = n_ubatch = 512) runs on Self-Extend, then on off; after a rewind to
+each prefill batch (n_batch = n_ubatch = --batch, 512) runs on Self-Extend, then on off; after a rewind to
 --decode-at tokens, each single-token decode step likewise. Both use the same attention path
 (--flash-attn on or off) and are timed by selfextend_gguf.evaluate.timing's runners. Prints the
 tokens/s of both and their ratio, and, for decode, the median of the per-step ratios; --json also keeps
@@ -24,6 +24,16 @@ instead of plain llama.cpp: which attention path is faster for Self-Extend (the 
     SELFEXTEND_GGUF_LIB_PATH=build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 \
         python scripts/bench_paired.py --prefill 4096 --decode-at 3072 --window 512 --n-gpu-layers -1
 
+--batch smaller than 512 keeps plain llama.cpp on the device where a 512-token batch's scores would not fit a
+Vulkan descriptor: without flash attention its scores [n_kv, n_batch, n_head] (F32) are one tensor, and
+ggml-vulkan refuses a tensor over the device's maxStorageBufferRange (lavapipe: 128 MiB, reached by SmolLM2's 9
+heads past 7,281 cells of context), so llama.cpp computes that layer's attention on the CPU. Self-Extend's score
+blocks are a third of that size (its heads in chunks) and stay on the device: the two would no longer run the
+same path (docs/backends.md).
+
+    SELFEXTEND_GGUF_LIB_PATH=build/vulkan/bin GGML_VK_VISIBLE_DEVICES=0 \
+        python scripts/bench_paired.py --prefill 8192 --decode-at 7168 --n-gpu-layers -1 --flash-attn off --batch 256
+
 Memory is not measured here (bench_speed.py reads it from each process's llama.cpp log).
 """
 from __future__ import annotations
@@ -35,14 +45,14 @@ import time
 
 
 def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads: int, group_size: int,
-            window: int, flash_attn: bool, baseline: str = "off", n_gpu_layers: int = 0) -> dict:
+            window: int, flash_attn: bool, baseline: str = "off", n_gpu_layers: int = 0, n_batch: int = 512) -> dict:
     """Tokens/s of Self-Extend and of the baseline, keyed "self-extend" and BASELINES[baseline]."""
     import numpy as np
     from selfextend_gguf.evaluate import methods
 
     def runner(method, flash_attn):
         return methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads, flash_attn=flash_attn,
-                            n_batch=512, verbose=False, n_gpu_layers=n_gpu_layers)
+                            n_batch=n_batch, verbose=False, n_gpu_layers=n_gpu_layers)
 
     exact = f"exact-g{group_size}-w{window}"
     extended = runner(exact, flash_attn)
@@ -56,9 +66,9 @@ def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads
         run.decode(tokens, len(tokens) - 1)
         return time.perf_counter() - began
 
-    batches = {"self-extend": [], name: []}  # seconds per 512-token batch: where along the context a gap grows
-    for start in range(0, n_prefill, 512):
-        batch = tokens[start:start + 512]
+    batches = {"self-extend": [], name: []}  # seconds per batch: where along the context a gap grows
+    for start in range(0, n_prefill, n_batch):
+        batch = tokens[start:start + n_batch]
         batches["self-extend"].append(timed(extended, batch))
         batches[name].append(timed(off, batch))
 
@@ -90,6 +100,7 @@ def main() -> None:
     parser.add_argument("--decode-at", type=int, default=12288)
     parser.add_argument("--decode", type=int, default=32, help="decode steps to time, after the first one")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=512, help="tokens per prefill batch (n_batch = n_ubatch)")
     parser.add_argument("--group-size", type=int, default=4, help="Self-Extend G")
     parser.add_argument("--window", type=int, default=1024, help="Self-Extend W")
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
@@ -103,17 +114,20 @@ def main() -> None:
     if not 0 <= args.decode_at < args.prefill:
         parser.error(f"--decode-at {args.decode_at} must be below --prefill {args.prefill}: decode steps start "
                      "from a context rewound to it")
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch} must be at least 1")
     if args.model is None:
         from selfextend_gguf.models import default_model_path
         args.model = str(default_model_path())
 
     name = BASELINES[args.baseline]
     print(f"prefill {args.prefill}, decode at {args.decode_at}, G={args.group_size} W={args.window}, "
-          f"flash attention {args.flash_attn}, {args.threads} threads, median of {args.repeats}", flush=True)
+          f"flash attention {args.flash_attn}, {args.threads} threads, batches of {args.batch}, median of {args.repeats}",
+          flush=True)
     runs = []
     for i in range(args.repeats):  # each run's line as it ends: a lavapipe run at 8k takes half an hour
         r = measure(args.model, args.prefill, args.decode_at, args.decode, args.threads, args.group_size,
-                    args.window, args.flash_attn == "on", args.baseline, args.n_gpu_layers)
+                    args.window, args.flash_attn == "on", args.baseline, args.n_gpu_layers, args.batch)
         runs.append(r)
         print(f"  run {i + 1}: prefill {r['prefill_tps']['self-extend']:.1f} vs {r['prefill_tps'][name]:.1f} tok/s, "
               f"decode {r['decode_tps']['self-extend']:.2f} vs {r['decode_tps'][name]:.2f} tok/s, first step after "

@@ -15,7 +15,7 @@ def test_bench_paired_writes_both_sides_and_their_ratios(tiny_f32_gguf, tmp_path
     out = tmp_path / "paired.json"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_paired.py"), "--model", str(tiny_f32_gguf),
                            "--prefill", "128", "--decode-at", "96", "--decode", "4", "--group-size", "4",
-                           "--window", "16", "--flash-attn", "on", "--baseline", baseline, "--repeats", "2",
+                           "--window", "16", "--flash-attn", "on", "--baseline", baseline, "--repeats", "2", "--batch", "48",
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"Self-Extend vs {name}: prefill" in done.stdout
@@ -24,8 +24,8 @@ def test_bench_paired_writes_both_sides_and_their_ratios(tiny_f32_gguf, tmp_path
     for run in result["runs"]:
         for key in ("prefill_tps", "decode_tps"):
             assert set(run[key]) == {"self-extend", name} and min(run[key].values()) > 0
-        # one time per 512-token batch of the 128-token prefill, on each side
-        assert {k: len(v) for k, v in run["prefill_batches_ms"].items()} == {"self-extend": 1, name: 1}
+        # one time per 48-token batch of the 128-token prefill (48, 48, 32), on each side
+        assert {k: len(v) for k, v in run["prefill_batches_ms"].items()} == {"self-extend": 3, name: 3}
     assert all(result["summary"][key] > 0 for key in ("prefill_ratio", "decode_ratio", "decode_step_ratio"))
 
 
