@@ -47,8 +47,7 @@ import time
 def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads: int, group_size: int,
             window: int, flash_attn: bool, baseline: str = "off", n_gpu_layers: int = 0, n_batch: int = 512) -> dict:
     """Tokens/s of Self-Extend and of the baseline, keyed "self-extend" and BASELINES[baseline]."""
-    import numpy as np
-    from selfextend_gguf.evaluate import methods
+    from selfextend_gguf.evaluate import methods, timing
 
     def runner(method, flash_attn):
         return methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads, flash_attn=flash_attn,
@@ -58,8 +57,7 @@ def measure(model: str, n_prefill: int, n_decode_at: int, n_decode: int, threads
     extended = runner(exact, flash_attn)
     off = runner("vanilla", flash_attn) if baseline == "off" else runner(exact, not flash_attn)
     name = BASELINES[baseline]
-    n_vocab = extended.llm.n_vocab()   # SmolLM2: 49,152; ids from 100 to 40,000
-    tokens = np.random.default_rng(0).integers(min(100, n_vocab // 2), min(40000, n_vocab), size=n_prefill).tolist()
+    tokens = timing.prompt_tokens(n_prefill, extended.llm.n_vocab())
 
     def timed(run, tokens):
         began = time.perf_counter()

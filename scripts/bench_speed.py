@@ -40,13 +40,12 @@ def baseline(name: str) -> str:
 def measure(model: str, config: dict, n_prefill: int, n_decode_at: int, n_decode: int, threads: int,
             window: int, group_size: int, n_gpu_layers: int) -> dict:
     """Runs inside a child process (see main)."""
-    import numpy as np
     from selfextend_gguf.evaluate import methods, timing  # the evaluation's way of timing
 
     method = f"exact-g{group_size}-w{window}" if config["self_extend"] else "vanilla"
     runner = methods.make(method, model, n_prefill + n_decode + 16, n_threads=threads,
                           flash_attn=config["flash_attn"], n_batch=512, verbose=True, n_gpu_layers=n_gpu_layers)
-    tokens = np.random.default_rng(0).integers(100, 40000, size=n_prefill).tolist()
+    tokens = timing.prompt_tokens(n_prefill, runner.llm.n_vocab())
     batches, _ = timing.read_batches(runner, tokens)
     runner.forget_after(n_decode_at)  # rewind to the decode length (cells after it are removed)
     decode_s, _ = timing.decode_steps(runner, tokens[n_decode_at], n_decode)

@@ -16,13 +16,13 @@ import subprocess
 import sys
 
 CHILD = """
-import sys, numpy as np
-from selfextend_gguf.evaluate import methods
+import sys
+from selfextend_gguf.evaluate import methods, timing
 from selfextend_gguf.models import default_model_path
 method, n, flash_attn = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "on"
 run = methods.make(method, str(default_model_path()), n + 64, n_threads=2, flash_attn=flash_attn, n_batch=512,
                    verbose=False, n_gpu_layers=-1)
-tokens = np.random.default_rng(0).integers(100, 40000, size=n).tolist()
+tokens = timing.prompt_tokens(n, run.llm.n_vocab())
 for timed in (False, True):
     run.forget_after(0)
     print(WARM if timed else "", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 scripts/bench_speed.py both call these, on a methods.Runner (llama_decode in batches of n_batch,
 as llama.cpp's own tools read a prompt).
 
+    prompt_tokens(n, n_vocab)      the prompt every speed script reads: n seeded random token ids
     read_batches(runner, tokens)   each batch of the prompt, timed: prefill tokens/s at its depth
     decode_steps(runner, token, n) n greedy single-token steps, timed: decode tokens/s
 
@@ -10,6 +11,13 @@ as llama.cpp's own tools read a prompt).
 from __future__ import annotations
 
 import time
+
+
+def prompt_tokens(n: int, n_vocab: int = 49152) -> list[int]:
+    """n token ids, the same for every run (seed 0): from 100 to 40,000 (SmolLM2's vocabulary is 49,152), within
+    a smaller vocabulary's upper half."""
+    import numpy as np
+    return np.random.default_rng(0).integers(min(100, n_vocab // 2), min(40000, n_vocab), size=n).tolist()
 
 
 def read_batches(runner, tokens: list) -> tuple[list[dict], int]:
