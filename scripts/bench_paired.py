@@ -4,7 +4,7 @@ spell of the machine cannot skew.
 scripts/bench_speed.py measures each configuration in its own process, one after the other; on a
 shared 2-core machine a single run of it can land one side in a quiet minute and the other in a busy
 one (its 32k decode read 0.47x that way). Here both contexts live in one process and take turns:
-each prefill batch (n_batch = n_ubatch = --batch, 512) runs on Self-Extend, then on off; after a rewind to
+each prefill batch (n_batch = n_ubatch = --batch, 512 by default) runs on Self-Extend, then on off; after a rewind to
 --decode-at tokens, each single-token decode step likewise. Both use the same attention path
 (--flash-attn on or off) and are timed by selfextend_gguf.evaluate.timing's runners. Prints the
 tokens/s of both and their ratio, and, for decode, the median of the per-step ratios; --json also keeps
